@@ -1,0 +1,79 @@
+/* evalkit kernel library: C ABI.
+ *
+ * Quantization formats originate in ik_llama.cpp / llama.cpp (ggml). The IQ*_K
+ * family was created by Iwan Kawrakow. This is an independent implementation
+ * written from evalkit's specification (shared/spec/iqk-formats.md).
+ *
+ * Every function works on whole rows; rows never interact, so any split of rows
+ * across threads gives identical bytes.
+ */
+#ifndef EVALKIT_KERNELS_H
+#define EVALKIT_KERNELS_H
+
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ggml type ids (ggml/include/ggml.h of ik_llama.cpp) */
+enum ek_type {
+    EK_F32 = 0, EK_F16 = 1, EK_Q4_0 = 2, EK_Q4_1 = 3, EK_Q5_0 = 6, EK_Q5_1 = 7,
+    EK_Q8_0 = 8, EK_Q2_K = 10, EK_Q3_K = 11, EK_Q4_K = 12, EK_Q5_K = 13,
+    EK_Q6_K = 14, EK_IQ4_NL = 20, EK_BF16 = 30, EK_Q6_0 = 133,
+    EK_IQ2_K = 137, EK_IQ3_K = 138, EK_IQ4_K = 139, EK_IQ5_K = 140, EK_IQ6_K = 141,
+    EK_IQ4_KS = 144, EK_IQ2_KS = 145, EK_IQ4_KSS = 146, EK_IQ5_KS = 152,
+    EK_IQ2_KT = 153, EK_IQ3_KT = 154, EK_IQ4_KT = 155, EK_IQ3_KS = 156,
+    EK_IQ2_KL = 157, EK_IQ1_KT = 158,
+    EK_TYPE_COUNT = 512
+};
+
+/* Dequantization variants. */
+enum ek_dequant_variant {
+    EK_DEQ_TO_FLOAT = 0,   /* the reference's CPU to_float (what golden .deq hold) */
+    EK_DEQ_INFERENCE = 1   /* what the reference's matmul kernels use (IQ6_K table, KT scale factors) */
+};
+
+/* Quantization flags. */
+enum ek_quant_flags {
+    EK_QFLAG_NONE = 0,
+    EK_QFLAG_IQ2KS_SLOW = 1  /* IQ2_KS portable quantizer instead of the AVX2 "fast" path */
+};
+
+/* Error codes returned by the entry points. */
+enum ek_status {
+    EK_OK = 0,
+    EK_ERR_UNKNOWN_TYPE = -1,
+    EK_ERR_NOT_IMPLEMENTED = -2,
+    EK_ERR_BAD_ROW_LENGTH = -3,
+    EK_ERR_BAD_ARGUMENT = -4,
+    EK_ERR_NO_MEMORY = -5
+};
+
+/* Per-row kernels implemented by each format's source file.
+ * quantize: x has n floats, y receives row_size(type, n) bytes, qw is NULL or n
+ * importance weights shared by all rows (the kernel applies the type's sanitizer). */
+typedef void (*ek_quantize_row_fn)(const float *x, uint8_t *y, int64_t n, const float *qw, int flags);
+typedef void (*ek_dequantize_row_fn)(const uint8_t *y, float *x, int64_t n, int variant);
+
+/* Bytes of one row of n elements, or a negative ek_status. */
+int64_t ek_row_size(int type, int64_t n_per_row);
+/* 1 when the library has a quantizer / dequantizer for the type. */
+int ek_has_quantize(int type);
+int ek_has_dequantize(int type);
+
+/* Quantize nrows rows of n_per_row floats into out (nrows * row_size bytes). */
+int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n_per_row,
+                const float *imatrix, int nthreads, int flags);
+/* Dequantize nrows rows into out (nrows * n_per_row floats). */
+int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n_per_row,
+                  int nthreads, int variant);
+
+/* fp16 / bf16 helpers (round to nearest even, as F16C with immediate 0). */
+uint16_t ek_fp32_to_fp16(float f);
+float ek_fp16_to_fp32(uint16_t h);
+
+#ifdef __cplusplus
+}
+#endif
+#endif
