@@ -29,10 +29,30 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# Modules that add a subcommand: each has ``register(subparsers)`` which adds its parser
+# and sets ``func``. Heavy imports (torch) stay inside the command functions so that
+# `evalkit --help` and `evalkit quantize` start fast.
+SUBCOMMAND_MODULES = [
+    "evalkit.quantize.cli",
+    "evalkit.model.cli",
+    "evalkit.run_cli",
+]
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
-    p = argparse.ArgumentParser(prog="evalkit", description=__doc__)
+    import importlib
+
+    p = argparse.ArgumentParser(prog="evalkit", description="Exact quality evaluation of quantized LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
+    for mod_name in SUBCOMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name != mod_name:
+                raise
+            continue  # subcommand not built yet
+        mod.register(sub)
     s = sub.add_parser("smoke", help="quantize/dequantize a random matrix in every type")
     s.add_argument("--rows", type=int, default=256)
     s.add_argument("--cols", type=int, default=4096)

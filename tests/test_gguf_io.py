@@ -1,0 +1,160 @@
+"""GGUF reading/writing and imatrix loading, on the golden files and on broken ones."""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import GOLDEN
+from evalkit.gguf import GGUFError, GGUFFile, TensorSpec, write_gguf
+from evalkit.imatrix import ImatrixError, load_imatrix
+
+GG = GOLDEN / "gguf"
+GOLDEN_FILES = ["tiny-base.gguf", "tiny-iqk-mix.gguf", "tiny-kt-mix-imatrix.gguf"]
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_golden_files_load_and_sizes_fill_the_file(name):
+    f = GGUFFile(GG / name)
+    assert f.architecture == "llama" and len(f.tensors) == 21
+    # tensors are laid end to end (with alignment padding) up to the end of the file
+    last = max(f.tensors.values(), key=lambda t: t.offset)
+    size = (GG / name).stat().st_size
+    assert last.offset + last.nbytes <= size < last.offset + last.nbytes + f.alignment
+    for t in f.tensors.values():
+        assert f.tensor_bytes(t.name).shape == (t.nrows, t.nbytes // t.nrows)
+
+
+def test_round_trip_rewrites_golden_file_byte_for_byte(tmp_path):
+    src = GG / "tiny-iqk-mix.gguf"
+    f = GGUFFile(src)
+    out = tmp_path / "copy.gguf"
+    specs = [TensorSpec(t.name, t.shape, t.type_id) for t in f.tensors.values()]
+    write_gguf(out, f.metadata, specs, lambda s: f.tensor_bytes(s.name), f.metadata_types)
+    assert out.read_bytes() == src.read_bytes()
+
+
+def test_tensor_metadata_of_the_iqk_mix():
+    f = GGUFFile(GG / "tiny-iqk-mix.gguf")
+    assert f.get("general.file_type") == 140
+    assert f.tensor("blk.0.ffn_gate.weight").type_name == "IQ2_KS"
+    t = f.tensor("token_embd.weight")
+    assert t.type_name == "IQ3_KS" and t.shape == (256, 49152)
+    assert t.nbytes == 49152 * (2 + 102)  # fp16 row header + one block
+
+
+def _minimal_gguf(tensors=(("w", (32, 2), 0),), kv=None, alignment=32, offsets=None, data_len=None):
+    """Build a small GGUF in memory for malformed-file tests."""
+    kv = kv if kv is not None else {"general.architecture": "llama"}
+    head = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(kv))
+    for k, v in kv.items():
+        kb, vb = k.encode(), v.encode()
+        head += struct.pack("<Q", len(kb)) + kb + struct.pack("<IQ", 8, len(vb)) + vb
+    off = 0
+    sizes = []
+    for i, (name, shape, tid) in enumerate(tensors):
+        nb = name.encode()
+        o = offsets[i] if offsets else off
+        head += struct.pack("<Q", len(nb)) + nb + struct.pack("<I", len(shape))
+        head += struct.pack(f"<{len(shape)}Q", *shape) + struct.pack("<IQ", tid, o)
+        n = 4 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        sizes.append(n)
+        off += -(-n // alignment) * alignment
+    head += b"\0" * (-len(head) % alignment)
+    body = b"\0" * (data_len if data_len is not None else off)
+    return head + body
+
+
+def test_minimal_file_is_readable(tmp_path):
+    p = tmp_path / "ok.gguf"
+    p.write_bytes(_minimal_gguf())
+    assert GGUFFile(p).tensor("w").shape == (32, 2)
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"", "empty file"),
+    (b"PK\x03\x04 not a gguf at all", "not a GGUF file"),
+    (b"GGUF" + struct.pack("<I", 1), "version 1"),
+    (_minimal_gguf()[:40], "truncated"),
+    (_minimal_gguf(data_len=100), "beyond the end"),
+    (_minimal_gguf(offsets=[3]), "not aligned"),
+    (_minimal_gguf(tensors=(("w", (32, 2), 99),)), "unknown ggml type id 99"),
+    (_minimal_gguf(tensors=(("w", (32, 2), 0), ("w", (32, 2), 0))), "duplicate tensor name"),
+])
+def test_malformed_files_raise_clear_errors(tmp_path, blob, message):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(blob)
+    with pytest.raises(GGUFError, match=message) as ei:
+        GGUFFile(p)
+    assert str(p) in str(ei.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(GGUFError, match="cannot open"):
+        GGUFFile(tmp_path / "nope.gguf")
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    out = tmp_path / "out.gguf"
+
+    def bad_data(spec):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        write_gguf(out, {"general.architecture": "llama"}, [TensorSpec("w", (32, 1), 0)], bad_data)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_rejects_wrong_byte_count(tmp_path):
+    out = tmp_path / "out.gguf"
+    with pytest.raises(ValueError, match="expected 128"):
+        write_gguf(out, {}, [TensorSpec("w", (32, 1), 0)], lambda s: b"\0" * 10)
+    assert not out.exists()
+
+
+def test_legacy_imatrix_loads_names_and_lengths():
+    im = load_imatrix(GG / "tiny-base.imatrix")
+    model = GGUFFile(GG / "tiny-base.gguf")
+    assert len(im) == 14 and im.chunks == 8
+    for name, vec in im.data.items():
+        assert name in model.tensors, name
+        assert vec.shape == (model.tensor(name).shape[0],) and vec.dtype == np.float32
+        assert np.isfinite(vec).all() and (vec >= 0).all()
+    # every 2-D weight but the embeddings/output has an entry
+    expected = {n for n in model.tensors if n.startswith("blk.") and n.endswith(".weight") and "norm" not in n}
+    assert set(im.data) == expected
+
+
+def test_legacy_imatrix_divides_by_ncall(tmp_path):
+    raw = struct.pack("<i", 1) + struct.pack("<i", 3) + b"abc" + struct.pack("<ii", 4, 2) + \
+        np.array([2.0, 6.0], "<f4").tobytes()
+    p = tmp_path / "m.dat"
+    p.write_bytes(raw)
+    np.testing.assert_array_equal(load_imatrix(p).data["abc"], [0.5, 1.5])
+
+
+def test_gguf_imatrix_format(tmp_path):
+    p = tmp_path / "m.gguf"
+    sums = np.array([[2.0, 4.0, 6.0, 8.0], [1.0, 1.0, 1.0, 1.0]], np.float32)
+    counts = np.array([[2.0, 0.0]], np.float32)
+    specs = [TensorSpec("blk.0.ffn_up.weight.in_sum2", (4, 2), 0),
+             TensorSpec("blk.0.ffn_up.weight.counts", (1, 2), 0)]
+    data = {specs[0].name: sums, specs[1].name: counts}
+    write_gguf(p, {"general.type": "imatrix", "imatrix.datasets": ["wiki.txt"], "imatrix.chunk_count": 5},
+               specs, lambda s: data[s.name])
+    im = load_imatrix(p)
+    np.testing.assert_array_equal(im.data["blk.0.ffn_up.weight"], [1, 2, 3, 4, 1, 1, 1, 1])
+    assert im.chunks == 5 and im.dataset == "wiki.txt"
+
+
+@pytest.mark.parametrize("blob, message", [
+    (b"", "too short"),
+    (struct.pack("<i", 0), "not an imatrix"),
+    (struct.pack("<i", 2) + struct.pack("<i", 3) + b"abc" + struct.pack("<ii", 1, 4) + b"\0" * 8, "truncated"),
+])
+def test_bad_imatrix_files(tmp_path, blob, message):
+    p = tmp_path / "bad.imatrix"
+    p.write_bytes(blob)
+    with pytest.raises(ImatrixError, match=message):
+        load_imatrix(p)
