@@ -26,10 +26,17 @@
 
 /* ------------------------------------------------------------------ helpers */
 
-/* Symmetric signed quantization with a scale search (the reference's make_qx_quants).
- * L receives l + nmax in [0, 2*nmax-1]. rmse_type is 1 for all k-quant callers; the
- * weight is qw[i] when given, else x[i]^2. The returned scale usually has the sign
- * opposite to the largest-magnitude element (iscale = -nmax/max). */
+/* Symmetric signed quantization with a scale search (ik_llama.cpp's make_qx_quants,
+ * rmse_type 1, in its improved form). L receives l + nmax in [0, 2*nmax-1]. The weight
+ * is qw[i] when given, else x[i]^2. Three stages, each only accepting a strictly
+ * better weighted fit (sumlx^2/suml2):
+ *   1. iscale = -nmax/max (max = the largest-magnitude element, sign kept);
+ *   2. a grid of 19 negative iscales -(nmax + 0.1 is)/max and 19 positive ones
+ *      (nmax - 1 + 0.1 is)/max, is = -9..9 (the positive ones let the largest
+ *      element use the level nmax-1 side of the asymmetric range);
+ *   3. greedy single-level moves: repeatedly take the element with the largest
+ *      |gradient| that can still move in the gradient's direction and move it one
+ *      level, stopping at the first move that does not improve the fit. */
 static float kq_make_qx(int n, int nmax, const float *x, int8_t *L, const float *qw) {
     float max = 0, amax = 0;
     for (int i = 0; i < n; ++i) {
@@ -52,24 +59,66 @@ static float kq_make_qx(int n, int nmax, const float *x, int8_t *L, const float 
     }
     float scale = suml2 ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
+    float best_sumlx = sumlx, best_suml2 = suml2;
     for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -((float)nmax + 0.1f * (float)is) / max;
-        sumlx = suml2 = 0;
-        for (int i = 0; i < n; ++i) {
-            int l = ek_nearest_int(iscale * x[i]);
-            l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
-            float w = qw ? qw[i] : x[i] * x[i];
-            sumlx += w * x[i] * (float)l;
-            suml2 += w * (float)l * (float)l;
-        }
-        if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+        for (int pass = 0; pass < 2; ++pass) {
+            iscale = pass == 0 ? -((float)nmax + 0.1f * (float)is) / max
+                               : ((float)(nmax - 1) + 0.1f * (float)is) / max;
+            sumlx = suml2 = 0;
             for (int i = 0; i < n; ++i) {
                 int l = ek_nearest_int(iscale * x[i]);
-                L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
+                l = KQ_MAX(-nmax, KQ_MIN(nmax - 1, l));
+                float w = qw ? qw[i] : x[i] * x[i];
+                sumlx += w * x[i] * (float)l;
+                suml2 += w * (float)l * (float)l;
             }
+            if (suml2 > 0 && sumlx * sumlx > best * suml2) {
+                for (int i = 0; i < n; ++i) {
+                    int l = ek_nearest_int(iscale * x[i]);
+                    L[i] = (int8_t)(nmax + KQ_MAX(-nmax, KQ_MIN(nmax - 1, l)));
+                }
+                scale = sumlx / suml2;
+                best = scale * sumlx;
+                best_sumlx = sumlx;
+                best_suml2 = suml2;
+            }
+        }
+    }
+    sumlx = best_sumlx;
+    suml2 = best_suml2;
+    for (int iter = 0; iter < n * (2 * nmax - 1); ++iter) {
+        float abs_gmax = 0, gmax = 0;
+        int best_j = -1;
+        for (int j = 0; j < n; ++j) {
+            float w = qw ? qw[j] : x[j] * x[j];
+            int l = L[j] - nmax;
+            float g = scale * w * (x[j] - scale * (float)l);
+            if ((g > 0 && l < nmax - 1) || (g < 0 && l > -nmax)) {
+                float ag = fabsf(g);
+                if (ag > abs_gmax) { abs_gmax = ag; gmax = g; best_j = j; }
+            }
+        }
+        if (best_j < 0) break;
+        float new_sumlx = sumlx, new_suml2 = suml2;
+        float w = qw ? qw[best_j] : x[best_j] * x[best_j];
+        int l = L[best_j] - nmax;
+        if (gmax > 0) {
+            new_sumlx += w * x[best_j];
+            new_suml2 += w * (float)(2 * l + 1);
+            l += 1;
+        } else {
+            new_sumlx -= w * x[best_j];
+            new_suml2 -= w * (float)(2 * l - 1);
+            l -= 1;
+        }
+        if (new_suml2 > 0 && new_sumlx * new_sumlx > best * new_suml2) {
+            sumlx = new_sumlx;
+            suml2 = new_suml2;
             scale = sumlx / suml2;
             best = scale * sumlx;
+            L[best_j] = (int8_t)(l + nmax);
+        } else {
+            break;
         }
     }
     return scale;
@@ -125,12 +174,11 @@ static float kq_make_q3(int n, int nmax, const float *x, int8_t *L) {
 }
 
 /* Asymmetric (scale + min) quantization with a scale grid search, minimising the
- * weighted absolute (use_mad) or squared error: the reference's make_qkx2_quants and
- * make_qkx3_quants, which coincide when weights are always supplied (as here).
- * Returns the scale; *the_min receives -min (>= 0). */
-static float kq_make_qkx(int n, int nmax, const float *x, const float *weights, uint8_t *L,
-                         float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep,
-                         int use_mad) {
+ * weighted absolute (use_mad) or squared error: the reference's make_qkx2_quants, used
+ * by the no-imatrix paths, all in float. Returns the scale; *the_min receives -min. */
+static float kq_make_qkx2(int n, int nmax, const float *x, const float *weights, uint8_t *L,
+                          float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep,
+                          int use_mad) {
     float min = x[0], max = x[0];
     float sum_w = weights[0];
     float sum_x = sum_w * x[0];
@@ -142,7 +190,7 @@ static float kq_make_qkx(int n, int nmax, const float *x, const float *weights, 
         sum_x += w * x[i];
     }
     if (min > 0) min = 0;
-    if (max <= min) {
+    if (max - min < 1e-10f) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         *the_min = -min;
         return 0.f;
@@ -195,13 +243,128 @@ static float kq_make_qkx(int n, int nmax, const float *x, const float *weights, 
     return scale;
 }
 
+/* The imatrix paths' variant (the reference's make_qkx3_quants with use_mad false):
+ * the same grid search, but the statistics are accumulated in double and each
+ * candidate's error is evaluated from the closed-form expansion
+ *   sum w (s l + m - x)^2 = Sx2 - 2 s Sxl - 2 m Sx + 2 s m Sl + s^2 Sl2 + m^2 Sw,
+ * followed by greedy one-level moves of the element with the largest residual while
+ * the refitted (scale, min) keeps improving. scale and min live in float between steps,
+ * as in the reference. */
+static float kq_make_qkx3(int n, int nmax, const float *x, const float *weights, uint8_t *L,
+                          float *the_min, uint8_t *Laux, float rmin, float rdelta, int nstep) {
+    float min = x[0], max = x[0];
+    double sum_w = (double)weights[0];
+    double sum_x = sum_w * (double)x[0];
+    double sum_x2 = sum_w * (double)x[0] * (double)x[0];
+    for (int i = 1; i < n; ++i) {
+        if (x[i] < min) min = x[i];
+        if (x[i] > max) max = x[i];
+        float w = weights[i];
+        sum_w += (double)w;
+        sum_x += (double)w * (double)x[i];
+        sum_x2 += (double)w * (double)x[i] * (double)x[i];
+    }
+    if (min > 0) min = 0;
+    if (max - min < 1e-10f) {
+        memset(L, 0, (size_t)n);
+        *the_min = -min;
+        return 0.f;
+    }
+    float iscale = (float)nmax / (max - min);
+    float scale = 1 / iscale;
+    double best_mad = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = ek_nearest_int(iscale * (x[i] - min));
+        L[i] = (uint8_t)KQ_MAX(0, KQ_MIN(nmax, l));
+        double diff = (double)scale * (double)L[i] + (double)min - (double)x[i];
+        diff = diff * diff;
+        best_mad += (double)weights[i] * diff;
+    }
+    for (int is = 0; is <= nstep; ++is) {
+        iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
+        double sum_l = 0, sum_l2 = 0, sum_xl = 0;
+        for (int i = 0; i < n; ++i) {
+            int l = ek_nearest_int(iscale * (x[i] - min));
+            l = KQ_MAX(0, KQ_MIN(nmax, l));
+            Laux[i] = (uint8_t)l;
+            float w = weights[i];
+            sum_l += (double)w * (double)l;
+            sum_l2 += (double)w * (double)l * (double)l;
+            sum_xl += (double)w * (double)l * (double)x[i];
+        }
+        double D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D > 0) {
+            double this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+            double this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+            if (this_min > 0) {
+                this_min = 0;
+                this_scale = sum_xl / sum_l2;
+            }
+            double mad = sum_x2 - 2 * this_scale * sum_xl - 2 * this_min * sum_x + 2 * this_scale * this_min * sum_l
+                       + this_scale * this_scale * sum_l2 + this_min * this_min * sum_w;
+            if (mad < best_mad) {
+                for (int i = 0; i < n; ++i) L[i] = Laux[i];
+                best_mad = mad;
+                scale = (float)this_scale;
+                min = (float)this_min;
+            }
+        }
+    }
+    double sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+        int l = L[i];
+        double w = (double)weights[i];
+        sum_l += w * l;
+        sum_l2 += w * l * l;
+        sum_xl += w * l * (double)x[i];
+    }
+    double best = 2 * (double)scale * sum_xl + 2 * (double)min * sum_x - 2 * (double)scale * (double)min * sum_l
+                - (double)scale * (double)scale * sum_l2 - (double)min * (double)min * sum_w;
+    int last_j = -1, last_dir = 0;
+    for (int itry = 0; itry < nmax * n; ++itry) {
+        float gmax = 0;
+        int best_j = -1, dir = 0;
+        for (int j = 0; j < n; ++j) {
+            float g = x[j] - scale * (float)L[j] - min;
+            if (g > 0 && L[j] < nmax && g > gmax) { gmax = g; best_j = j; dir = 1; }
+            else if (g < 0 && L[j] > 0 && -g > gmax) { gmax = -g; best_j = j; dir = -1; }
+        }
+        /* stop when nothing can move or the best move would undo the previous one */
+        if (best_j < 0 || (best_j == last_j && dir == -last_dir)) break;
+        double w = (double)weights[best_j];
+        sum_l += w * dir;
+        sum_l2 += w * (2 * L[best_j] * dir + 1);
+        sum_xl += w * (double)x[best_j] * dir;
+        double D = sum_w * sum_l2 - sum_l * sum_l;
+        if (D <= 0) break;
+        double this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
+        double this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+        if (this_min > 0) {
+            this_min = 0;
+            this_scale = sum_xl / sum_l2;
+        }
+        if (this_scale < 0) break;
+        double score = 2 * this_scale * sum_xl + 2 * this_min * sum_x - 2 * this_scale * this_min * sum_l
+                     - this_scale * this_scale * sum_l2 - this_min * this_min * sum_w;
+        if (score <= best) break;
+        best = score;
+        scale = (float)this_scale;
+        min = (float)this_min;
+        L[best_j] = (uint8_t)(L[best_j] + dir);
+        last_j = best_j;
+        last_dir = dir;
+    }
+    *the_min = -min;
+    return scale;
+}
+
 /* Quantize non-negative values (sub-block scales or mins) to [0, nmax] with a small
  * scale search and coordinate descent (the reference's make_qp_quants). The uint8
  * truncations of L mirror the reference's storage type. */
 static float kq_make_qp(int n, int nmax, const float *x, uint8_t *L, const float *qw) {
     float max = 0;
     for (int i = 0; i < n; ++i) max = KQ_MAX(max, x[i]);
-    if (!max) {
+    if (max < 1e-16f) {
         for (int i = 0; i < n; ++i) L[i] = 0;
         return 0.f;
     }
@@ -320,7 +483,7 @@ static void q2k_block_ref(const float *x, uint8_t *y) {
     float max_scale = 0, max_min = 0;
     for (int j = 0; j < 16; ++j) {
         for (int l = 0; l < 16; ++l) weights[l] = fabsf(x[16 * j + l]);
-        scales[j] = kq_make_qkx(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
+        scales[j] = kq_make_qkx2(16, 3, x + 16 * j, weights, L + 16 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 1);
         if (scales[j] > max_scale) max_scale = scales[j];
         if (mins[j] > max_min) max_min = mins[j];
     }
@@ -362,31 +525,30 @@ static void q2k_block_imatrix(const float *x, uint8_t *y, const float *qwb) {
     uint8_t *ysc = y + Q2K_SC;
     float sumx2 = 0;
     for (int j = 0; j < QK_K; ++j) sumx2 += x[j] * x[j];
-    float sigma2 = sumx2 / QK_K;
+    float sigma2 = 0.75f * sumx2 / QK_K;
     for (int j = 0; j < 16; ++j) {
         const float *qw = qwb + 16 * j;
         for (int l = 0; l < 16; ++l) weight[l] = qw[l] * sqrtf(sigma2 + x[16 * j + l] * x[16 * j + l]);
         sw[j] = 0;
         for (int l = 0; l < 16; ++l) sw[j] += weight[l];
-        scales[j] = kq_make_qkx(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
+        scales[j] = kq_make_qkx3(16, 3, x + 16 * j, weight, L + 16 * j, &mins[j], Laux, -0.9f, 0.05f, 36);
     }
     float dm = kq_make_qp(16, 15, scales, Ls, sw);
     float mm = kq_make_qp(16, 15, mins, Lm, sw);
-    uint16_t hd = ek_to_f16(dm), hm = ek_to_f16(mm);
-    ek_wr16(y + Q2K_D, hd);
-    ek_wr16(y + Q2K_DMIN, hm);
-    dm = ek_f16(hd);
-    mm = ek_f16(hm);
-    for (int j = 0; j < 16; ++j) ysc[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
+    ek_wr16(y + Q2K_D, ek_to_f16(dm));
+    ek_wr16(y + Q2K_DMIN, ek_to_f16(mm));
+    /* requantize with the float (not fp16-rounded) scales, multiplying by the inverse;
+     * a zero sub-block scale sends every level of that sub-block to 0 */
     for (int j = 0; j < 16; ++j) {
-        const float d = dm * (float)(ysc[j] & 0xF);
-        if (!d) continue;
-        const float m = mm * (float)(ysc[j] >> 4);
-        for (int ii = 0; ii < 16; ++ii) {
-            int l = ek_nearest_int((x[16 * j + ii] + m) / d);
-            L[16 * j + ii] = (uint8_t)KQ_MAX(0, KQ_MIN(3, l));
+        float d = dm * (float)Ls[j];
+        float m = mm * (float)Lm[j];
+        float id = d ? 1 / d : 0.f;
+        for (int l = 0; l < 16; ++l) {
+            int q = ek_nearest_int((x[16 * j + l] + m) * id);
+            L[16 * j + l] = (uint8_t)KQ_MAX(0, KQ_MIN(3, q));
         }
     }
+    for (int j = 0; j < 16; ++j) ysc[j] = (uint8_t)(Ls[j] | (Lm[j] << 4));
     kq_pack_2bit(L, y + Q2K_QS);
 }
 
@@ -537,9 +699,9 @@ static void q45k_block(const float *x, uint8_t *y, const float *qwb, int nmax, u
             float av_x = sqrtf(sum_x2 / 32);
             for (int l = 0; l < 32; ++l) weights[l] = av_x + fabsf(x[32 * j + l]);
             if (nmax == 15)
-                scales[j] = kq_make_qkx(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20, 0);
+                scales[j] = kq_make_qkx2(32, 15, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -1.f, 0.1f, 20, 0);
             else
-                scales[j] = kq_make_qkx(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 0);
+                scales[j] = kq_make_qkx2(32, 31, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.5f, 0.1f, 15, 0);
             if (scales[j] > max_scale) max_scale = scales[j];
             if (mins[j] > max_min) max_min = mins[j];
         }
@@ -564,7 +726,7 @@ static void q45k_block(const float *x, uint8_t *y, const float *qwb, int nmax, u
             float sumw = 0;
             for (int l = 0; l < 32; ++l) sumw += weights[l];
             sw[j] = sumw;
-            scales[j] = kq_make_qkx(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36, 0);
+            scales[j] = kq_make_qkx3(32, nmax, x + 32 * j, weights, L + 32 * j, &mins[j], Laux, -0.9f, 0.05f, 36);
         }
         float d_block = kq_make_qp(8, 63, scales, Ls, sw);
         float m_block = kq_make_qp(8, 63, mins, Lm, sw);
