@@ -16,7 +16,16 @@
  *
  * Without an importance vector each type follows the reference's quantize_row_*_ref;
  * with one it follows quantize_row_*_impl (the imatrix is indexed per super-block of
- * the row and used as given: the k-quants apply no sanitizer).
+ * the row and used as given: the k-quants apply no sanitizer). The search helpers are
+ * ik_llama.cpp's improved versions (its "quantization improvements" work of 2025), which
+ * differ from mainline llama.cpp: make_qx_quants adds positive-scale candidates and a
+ * greedy refinement, make_qkx3_quants works in double with a greedy refinement, and
+ * the Q2_K imatrix path requantizes with the float scales.
+ *
+ * Not reproduced: the reference's Q2_K no-imatrix entry point first checks whether the
+ * whole chunk it was handed looks ternary ("TriNet" detection) and then writes a special
+ * encoding. That test spans all rows of the call, which a per-row kernel cannot see; it
+ * does not trigger on ordinary weights (nor on any golden case, quantized as one chunk).
  */
 #include "ek_common.h"
 
