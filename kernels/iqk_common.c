@@ -246,21 +246,40 @@ float ek_iqk_scale_of_scales(int n, int nmax, const float *s, const float *c, in
 /* ---- block fit BF (spec 2.8) ---- */
 
 /* EVAL: plus assignment for a = id*x_j, minus assignment for -a, both with the
- * table's own values; four independent accumulators. */
+ * table's own values; four independent accumulators. For NI3..NI5,
+ * trunc(-a) = -trunc(a), so one conversion serves both signs.
+ * No truncation range check is needed here: every id used by BF is
+ * c/m (|c| <= 140) or 1/(-m/T0[0]), and |x_j| <= |m|, so |a| < 150. */
 static inline __attribute__((always_inline)) void
 ek_iqk_bf_eval(int bits, const float *T, float id, const float *x, const float *w, int B, float *sp, float *qp,
                float *sm, float *qm) {
     float SP = 0, QP = 0, SM = 0, QM = 0;
+    const uint8_t *tab = bits == 3 ? ek_iqk_ni3_tab : bits == 4 ? ek_iqk_ni4_tab : bits == 5 ? ek_iqk_ni5_tab
+                                                                                          : ek_iqk_ni6_tab;
+    const int n = 1 << bits;
+    const int L = bits == 3 ? 111 : bits == 4 ? 241 : bits == 5 ? 247 : 249;
+    const int v0 = (int)T[0];
     for (int j = 0; j < B; ++j) {
-        float a = id * x[j];
-        float q = T[ek_iqk_ni(bits, T, a)];
-        float wq = w[j] * q;
+        const float a = id * x[j];
+        float qa, qb;
+        if (bits == 6) {
+            qa = ek_iqk_nv_lookup_nb(T, a, (int)(a - T[0]), tab, L, n);
+            qb = ek_iqk_nv_lookup_nb(T, -a, (int)(-a - T[0]), tab, L, n);
+        } else if (bits == 5) {
+            const int ti = (int)a;
+            qa = ek_iqk_nv_lookup_nb(T, a, ti - v0, tab, L, n);
+            qb = ek_iqk_nv_lookup_nb(T, -a, -ti - v0, tab, L, n);
+        } else {
+            const int ti = (int)a;
+            qa = ek_iqk_nv_lookup(T, a, ti - v0, tab, L, n);
+            qb = ek_iqk_nv_lookup(T, -a, -ti - v0, tab, L, n);
+        }
+        float wq = w[j] * qa;
         SP += wq * x[j];
-        QP += wq * q;
-        q = T[ek_iqk_ni(bits, T, -a)];
-        wq = w[j] * q;
+        QP += wq * qa;
+        wq = w[j] * qb;
         SM += wq * x[j];
-        QM += wq * q;
+        QM += wq * qb;
     }
     *sp = SP; *qp = QP; *sm = SM; *qm = QM;
 }
@@ -322,28 +341,54 @@ ek_iqk_bf_body(int bits, const float *T0, const float *T1, const float *x, const
     return EK_IQK_BF_OK;
 }
 
-/* One specialised copy per table so the NI switch folds away. */
-#define EK_IQK_BF_INSTANCE(bits)                                                                          \
-    static int ek_iqk_bf_##bits(const float *T0, const float *T1, const float *x, const float *w, int B,    \
-                                int ntry, int step, int guard, int refit, float *d, int *shift) {           \
-        return ek_iqk_bf_body(bits, T0, T1, x, w, B, ntry, step, guard, refit, d, shift);                  \
+/* One specialised copy per table and block length (16 or 32), so that the NI
+ * selection folds away and the element loops have constant trip counts. */
+#define EK_IQK_BF_INSTANCE(bits, BL)                                                                      \
+    static int ek_iqk_bf_##bits##_##BL(const float *T0, const float *T1, const float *x, const float *w,  \
+                                       int ntry, int step, int guard, int refit, float *d, int *shift) {  \
+        return ek_iqk_bf_body(bits, T0, T1, x, w, BL, ntry, step, guard, refit, d, shift);               \
     }
-EK_IQK_BF_INSTANCE(3)
-EK_IQK_BF_INSTANCE(4)
-EK_IQK_BF_INSTANCE(5)
-EK_IQK_BF_INSTANCE(6)
+EK_IQK_BF_INSTANCE(3, 16)
+EK_IQK_BF_INSTANCE(4, 16)
+EK_IQK_BF_INSTANCE(5, 16)
+EK_IQK_BF_INSTANCE(6, 16)
+EK_IQK_BF_INSTANCE(3, 32)
+EK_IQK_BF_INSTANCE(4, 32)
+EK_IQK_BF_INSTANCE(5, 32)
 
 int ek_iqk_block_fit(int bits, const float *T0, const float *T1, const float *x, const float *w, int B,
                      int ntry, int step, int guard, int refit, float *d, int *shift) {
-    switch (bits) {
-    case 3: return ek_iqk_bf_3(T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
-    case 4: return ek_iqk_bf_4(T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
-    case 5: return ek_iqk_bf_5(T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
-    default: return ek_iqk_bf_6(T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
+    if (B == 16) {
+        switch (bits) {
+        case 3: return ek_iqk_bf_3_16(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        case 4: return ek_iqk_bf_4_16(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        case 5: return ek_iqk_bf_5_16(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        default: return ek_iqk_bf_6_16(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        }
     }
+    if (B == 32) {
+        switch (bits) {
+        case 3: return ek_iqk_bf_3_32(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        case 4: return ek_iqk_bf_4_32(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        case 5: return ek_iqk_bf_5_32(T0, T1, x, w, ntry, step, guard, refit, d, shift);
+        default: break;
+        }
+    }
+    return ek_iqk_bf_body(bits, T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
 }
 
 /* ---- IQ2 partition search (spec 3.3 step 1) ---- */
+
+/* The four value assignments are evaluated side by side in the lanes of a GNU C
+ * vector: every lane performs exactly the scalar float operations of the spec
+ * (element-wise IEEE operations, no contraction), so the sums are bit-identical
+ * to the scalar formulation. Partial terms are computed once and reused (each is
+ * the same float operation the full expression performs). The acceptance test
+ * reads and updates `best` sequentially, so it runs lane by lane, in the spec's
+ * candidate order, but only when some lane passes it against the current best
+ * (if none does, the sequential test would not accept any either). */
+typedef float ek_v4f __attribute__((vector_size(16)));
+typedef int32_t ek_v4i __attribute__((vector_size(16)));
 
 float ek_iqk_iq2_partition(const float *x, const float *w, int B, int max_i1, int min_i3, const float *V,
                            int *shift) {
@@ -361,36 +406,55 @@ float ek_iqk_iq2_partition(const float *x, const float *w, int B, int max_i1, in
         SW[k + 1] = SW[k] + w[j];
         SX[k + 1] = SX[k] + w[j] * x[j];
     }
-    /* The four assignments (a) base 0..3, (b) shifted 0..3, (c) base 3..0,
-     * (d) shifted 3..0; group g of assignment a gets value va[a][g]. */
-    const float va[4][4] = {
-        {V[0], V[1], V[2], V[3]}, {V[4], V[5], V[6], V[7]}, {V[3], V[2], V[1], V[0]}, {V[7], V[6], V[5], V[4]}};
+    /* Lane a holds assignment (a) base 0..3, (b) shifted 0..3, (c) base 3..0,
+     * (d) shifted 3..0 (the spec's order); vg is the value given to group g. */
+    const ek_v4f v1 = {V[0], V[4], V[3], V[7]};
+    const ek_v4f v2 = {V[1], V[5], V[2], V[6]};
+    const ek_v4f v3 = {V[2], V[6], V[1], V[5]};
+    const ek_v4f v4 = {V[3], V[7], V[0], V[4]};
+    const float xt = SX[B], wt = SW[B];
+    /* S = ((ΔX1·v1 + ΔX2·v2) + ΔX3·v3) + ΔX4·v4,
+     * Q = (((ΔW1·v1)·v1 + (ΔW2·v2)·v2) + (ΔW3·v3)·v3) + (ΔW4·v4)·v4. */
+    ek_v4f s4[32], q4[32];
+    for (int i3 = 0; i3 < B; ++i3) {
+        const float dx4 = xt - SX[i3], dw4 = wt - SW[i3];
+        s4[i3] = dx4 * v4;
+        q4[i3] = dw4 * v4 * v4;
+    }
+    ek_v4f s3[B][B], q3[B][B]; /* third-group terms for (i2, i3), i3 >= i2 */
+    for (int i2 = 0; i2 < B; ++i2) {
+        for (int i3 = i2; i3 < B; ++i3) {
+            const float dx3 = SX[i3] - SX[i2], dw3 = SW[i3] - SW[i2];
+            s3[i2][i3] = dx3 * v3;
+            q3[i2][i3] = dw3 * v3 * v3;
+        }
+    }
     float best = 0, d = 0;
     int sh = 0;
-    const float xt = SX[B], wt = SW[B];
-    /* Partial sums of the leading groups are hoisted out of the inner loops;
-     * each is the same float operation the full expression performs first. */
+    ek_v4f vbest = {0, 0, 0, 0};
+    const ek_v4f zero = {0, 0, 0, 0};
     for (int i1 = 0; i1 < max_i1; ++i1) {
         const float dx1 = SX[i1] - SX[0], dw1 = SW[i1] - SW[0];
-        float s1[4], q1[4];
-        for (int a = 0; a < 4; ++a) { s1[a] = dx1 * va[a][0]; q1[a] = dw1 * va[a][0] * va[a][0]; }
+        const ek_v4f s1 = dx1 * v1, q1 = dw1 * v1 * v1;
         for (int i2 = i1; i2 < B; ++i2) {
             const float dx2 = SX[i2] - SX[i1], dw2 = SW[i2] - SW[i1];
-            float s2[4], q2[4];
-            for (int a = 0; a < 4; ++a) {
-                s2[a] = s1[a] + dx2 * va[a][1];
-                q2[a] = q1[a] + dw2 * va[a][1] * va[a][1];
-            }
+            const ek_v4f s2 = s1 + dx2 * v2, q2 = q1 + dw2 * v2 * v2;
             for (int i3 = i2 > min_i3 ? i2 : min_i3; i3 < B; ++i3) {
-                const float dx3 = SX[i3] - SX[i2], dw3 = SW[i3] - SW[i2];
-                const float dx4 = xt - SX[i3], dw4 = wt - SW[i3];
+                const ek_v4f S = (s2 + s3[i2][i3]) + s4[i3];
+                const ek_v4f Q = (q2 + q3[i2][i3]) + q4[i3];
+                const ek_v4i pass = (Q > zero) & (S * S > vbest * Q);
+                uint64_t m[2];
+                memcpy(m, &pass, sizeof m);
+                if (!(m[0] | m[1])) continue;
                 for (int a = 0; a < 4; ++a) {
-                    float S = (s2[a] + dx3 * va[a][2]) + dx4 * va[a][3];
-                    float Q = (q2[a] + dw3 * va[a][2] * va[a][2]) + dw4 * va[a][3] * va[a][3];
-                    if (Q > 0 && S * S > best * Q) {
-                        d = S / Q; best = d * S; sh = a & 1;
+                    const float Sa = S[a], Qa = Q[a];
+                    if (Qa > 0 && Sa * Sa > best * Qa) {
+                        d = Sa / Qa;
+                        best = d * Sa;
+                        sh = a & 1;
                     }
                 }
+                vbest = (ek_v4f){best, best, best, best};
             }
         }
     }

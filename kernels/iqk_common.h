@@ -47,31 +47,52 @@ static inline int ek_iqk_ni2(const float *V, float t) {
     return t - V[k] < V[k + 1] - t ? k : k + 1;
 }
 
-/* Shared body of NI3/NI4/NI5: k = trunc(t) - V[0] (integer subtraction). */
+/* Table lookup shared by NI3..NI6; k is the table index before range checks.
+ * An entry e >= n means "compare neighbours e-n and e-n+1". (Plain branches:
+ * most inputs hit a direct entry, so they predict well and beat a
+ * branch-free formulation.) */
+static inline int ek_iqk_ni_lookup(const float *V, float t, int k, const uint8_t *tab, int L, int n) {
+    if ((unsigned)k >= (unsigned)L) return k < 0 ? 0 : n - 1;
+    const int e = tab[k];
+    if (e < n) return e;
+    const int i = e - n;
+    return t - V[i] < V[i + 1] - t ? i : i + 1;
+}
+
+/* The same search returning the value V[NI] instead of the index. */
+static inline float ek_iqk_nv_lookup(const float *V, float t, int k, const uint8_t *tab, int L, int n) {
+    if ((unsigned)k >= (unsigned)L) return k < 0 ? V[0] : V[n - 1];
+    const int e = tab[k];
+    if (e < n) return V[e];
+    const int i = e - n;
+    return t - V[i] < V[i + 1] - t ? V[i] : V[i + 1];
+}
+
+/* Branch-free variant of ek_iqk_nv_lookup for the 32- and 64-entry tables,
+ * where "compare neighbours" entries are frequent and scattered enough that
+ * mispredictions cost more than the extra load. */
+static inline float ek_iqk_nv_lookup_nb(const float *V, float t, int k, const uint8_t *tab, int L, int n) {
+    if ((unsigned)k >= (unsigned)L) return k < 0 ? V[0] : V[n - 1];
+    const int e = tab[k];
+    const int far = e >= n;
+    const int i = e - (n & -far);
+    const int up = far & !(t - V[i] < V[i + far] - t);
+    return V[i + up];
+}
+
+/* NI3, NI4, NI5: k = trunc(t) - V[0] (integer subtraction). */
 static inline int ek_iqk_ni_int(const float *V, float t, const uint8_t *tab, int L, int n) {
     if (!ek_iqk_trunc_ok(t)) return 0;
-    int k = (int)t - (int)V[0];
-    if (k < 0) return 0;
-    if (k >= L) return n - 1;
-    int e = tab[k];
-    if (e < n) return e;
-    e -= n;
-    return t - V[e] < V[e + 1] - t ? e : e + 1;
+    return ek_iqk_ni_lookup(V, t, (int)t - (int)V[0], tab, L, n);
 }
 static inline int ek_iqk_ni3(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni3_tab, 111, 8); }
 static inline int ek_iqk_ni4(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni4_tab, 241, 16); }
 static inline int ek_iqk_ni5(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni5_tab, 247, 32); }
 /* NI6 subtracts in float before truncating (spec 2.5). */
 static inline int ek_iqk_ni6(const float *V, float t) {
-    float u = t - V[0];
+    const float u = t - V[0];
     if (!ek_iqk_trunc_ok(u)) return 0;
-    int k = (int)u;
-    if (k < 0) return 0;
-    if (k >= 249) return 63;
-    int e = ek_iqk_ni6_tab[k];
-    if (e < 64) return e;
-    e -= 64;
-    return t - V[e] < V[e + 1] - t ? e : e + 1;
+    return ek_iqk_ni_lookup(V, t, (int)u, ek_iqk_ni6_tab, 249, 64);
 }
 
 /* Select an NI by table size in bits (2..6); for callers that are generic. */

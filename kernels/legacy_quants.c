@@ -30,6 +30,18 @@ static const int8_t k_iq4nl_values[16] = {
 /* Below this the symmetric searches treat a block as all zeros (ggml's GROUP_MAX_EPS). */
 #define EK_GROUP_MAX_EPS 1e-15f
 
+/* float -> int conversion as the reference's casts compile on x86-64 (cvttss2si):
+ * truncation toward zero, and INT32_MIN for NaN and values outside the int32 range.
+ * The reference casts straight to int8_t/uint8_t, which keeps the low byte of this.
+ * Finite, well-scaled blocks never leave the small-integer range; the exact corner
+ * behaviour only matters for degenerate (e.g. subnormal) block maxima. */
+static inline int32_t cvtt_i32(float f) {
+    if (f >= -2147483648.0f && f < 2147483648.0f) return (int32_t)f;
+    return INT32_MIN;
+}
+static inline int low_i8(float f) { return (int8_t)(uint8_t)(uint32_t)cvtt_i32(f); }
+static inline int low_u8(float f) { return (uint8_t)(uint32_t)cvtt_i32(f); }
+
 /* Pack 32 codes (each < 16) as two nibbles per byte: element j low, j+16 high. */
 static void pack_nibbles(uint8_t *qs, const uint8_t *L) {
     for (int j = 0; j < QK / 2; ++j) qs[j] = (uint8_t)((L[j] & 0x0F) | ((L[j + QK / 2] & 0x0F) << 4));
@@ -68,15 +80,36 @@ static void imatrix_weights(float *w, const float *xb, const float *qw, float si
 }
 
 /* ---------------------------------------------------------------------------------------
- * Weighted symmetric scale search (the reference's make_qx_quants with explicit weights).
- * Codes are l in [-nmax, nmax-1], stored as l + nmax. The scale starts from -nmax/max
- * (max = signed value of largest magnitude) and 18 nearby reciprocal scales are tried;
- * the least-squares optimal scale of the best candidate is returned.
+ * Weighted symmetric scale search (the reference's make_qx_quants with explicit weights,
+ * in the form ik_llama.cpp uses since its "quantization improvements"). Codes are
+ * l in [-nmax, nmax-1], stored as l + nmax.
+ *  1. Start from the reciprocal scale -nmax/max (max = signed value of largest magnitude).
+ *  2. For is = -9..9 try two reciprocal scales, -(nmax + is/10)/max (the extreme element
+ *     lands on -nmax) and (nmax - 1 + is/10)/max (it lands on nmax-1), keeping the codes
+ *     whose least-squares scale sumlx/suml2 maximises sumlx^2/suml2.
+ *  3. Greedy refinement: repeatedly move the single code with the largest weighted error
+ *     gradient one step in the gradient's direction while that improves the score.
+ * All sums are float, accumulated in element order.
  * ------------------------------------------------------------------------------------- */
 static inline int clamp_sym(int l, int nmax) {
     if (l > nmax - 1) l = nmax - 1;
     if (l < -nmax) l = -nmax;
     return l;
+}
+
+/* Codes RNE(iscale*x) clamped to [-nmax, nmax-1] (stored offset by nmax) and their
+ * weighted sums sum w*x*l and sum w*l*l, in element order. */
+static inline void sym_codes_sums(int n, int nmax, const float *x, const float *w, float iscale,
+                                  uint8_t *L, float *psumlx, float *psuml2) {
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        int l = clamp_sym(ek_nearest_int(iscale * x[i]), nmax);
+        L[i] = (uint8_t)(l + nmax);
+        sumlx += w[i] * x[i] * (float)l;
+        suml2 += w[i] * (float)l * (float)l;
+    }
+    *psumlx = sumlx;
+    *psuml2 = suml2;
 }
 
 static float weighted_sym_scale(int n, int nmax, const float *x, const float *w, uint8_t *L) {
@@ -89,103 +122,187 @@ static float weighted_sym_scale(int n, int nmax, const float *x, const float *w,
         memset(L, 0, (size_t)n);
         return 0.0f;
     }
-    float iscale = -(float)nmax / max;
-    float sumlx = 0.0f, suml2 = 0.0f;
-    for (int i = 0; i < n; ++i) {
-        int l = clamp_sym(ek_nearest_int(iscale * x[i]), nmax);
-        L[i] = (uint8_t)(l + nmax);
-        sumlx += w[i] * x[i] * (float)l;
-        suml2 += w[i] * (float)l * (float)l;
-    }
+    uint8_t Laux[QK];
+    float sumlx, suml2;
+    sym_codes_sums(n, nmax, x, w, (float)(-nmax) / max, L, &sumlx, &suml2);
     float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
+    float best_sumlx = sumlx, best_suml2 = suml2;
     for (int is = -9; is <= 9; ++is) {
-        if (is == 0) continue;
-        iscale = -((float)nmax + 0.1f * (float)is) / max;
-        sumlx = 0.0f; suml2 = 0.0f;
-        for (int i = 0; i < n; ++i) {
-            int l = clamp_sym(ek_nearest_int(iscale * x[i]), nmax);
-            sumlx += w[i] * x[i] * (float)l;
-            suml2 += w[i] * (float)l * (float)l;
+        for (int side = 0; side < 2; ++side) {
+            const float iscale = side == 0 ? -((float)nmax + 0.1f * (float)is) / max
+                                           : ((float)(nmax - 1) + 0.1f * (float)is) / max;
+            sym_codes_sums(n, nmax, x, w, iscale, Laux, &sumlx, &suml2);
+            /* sumlx^2/suml2 > best, compared without dividing */
+            if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
+                memcpy(L, Laux, (size_t)n);
+                scale = sumlx / suml2;
+                best = scale * sumlx;
+                best_sumlx = sumlx;
+                best_suml2 = suml2;
+            }
         }
-        /* compare sumlx^2/suml2 > best without dividing */
-        if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
-            for (int i = 0; i < n; ++i)
-                L[i] = (uint8_t)(nmax + clamp_sym(ek_nearest_int(iscale * x[i]), nmax));
-            scale = sumlx / suml2;
-            best = scale * sumlx;
+    }
+    sumlx = best_sumlx;
+    suml2 = best_suml2;
+    for (int iter = 0; iter < n * (2 * nmax - 1); ++iter) {
+        float abs_gmax = 0.0f, gmax = 0.0f;
+        int best_j = -1;
+        for (int j = 0; j < n; ++j) {
+            int l = L[j] - nmax;
+            float g = scale * w[j] * (x[j] - scale * (float)l);
+            if ((g > 0.0f && l < nmax - 1) || (g < 0.0f && l > -nmax)) {
+                float ag = fabsf(g);
+                if (ag > abs_gmax) { abs_gmax = ag; gmax = g; best_j = j; }
+            }
         }
+        if (best_j < 0) break;
+        int l = L[best_j] - nmax;
+        float new_sumlx = sumlx, new_suml2 = suml2;
+        if (gmax > 0.0f) {
+            new_sumlx += w[best_j] * x[best_j];
+            new_suml2 += w[best_j] * (float)(2 * l + 1);
+            l += 1;
+        } else {
+            new_sumlx -= w[best_j] * x[best_j];
+            new_suml2 -= w[best_j] * (float)(2 * l - 1);
+            l -= 1;
+        }
+        if (!(new_suml2 > 0.0f && new_sumlx * new_sumlx > best * new_suml2)) break;
+        sumlx = new_sumlx;
+        suml2 = new_suml2;
+        scale = sumlx / suml2;
+        best = scale * sumlx;
+        L[best_j] = (uint8_t)(l + nmax);
     }
     return scale;
 }
 
 /* ---------------------------------------------------------------------------------------
- * Weighted affine search (the reference's make_qkx3_quants with explicit weights):
- * x ~ scale*l + min with l in [0, nmax], min <= 0. Tries nstep+1 reciprocal scales
- * (rmin + rdelta*is + nmax)/(max - min), solving the 2x2 weighted least-squares problem
- * for each and keeping the one with the smallest weighted squared error.
+ * Weighted affine search (the reference's make_qkx3_quants with explicit weights, in its
+ * ik_llama.cpp form): x ~ scale*l + min with l in [0, nmax], min <= 0.
+ *  1. Codes from the full range [min, max]; their weighted squared error is the baseline.
+ *  2. nstep+1 reciprocal scales (rmin + rdelta*is + nmax)/(max - min); for each the 2x2
+ *     weighted least-squares (scale, min) is solved and kept if its error is smaller.
+ *  3. Greedy refinement: move the code with the largest residual one step while the
+ *     least-squares fit of the new codes improves.
+ * The statistics are accumulated in double (as the reference does); the search's
+ * reciprocal scales and the residuals stay float.
  * Returns the scale; *neg_min receives -min (>= 0).
  * ------------------------------------------------------------------------------------- */
 static inline int clamp_aff(int l, int nmax) { return l < 0 ? 0 : (l > nmax ? nmax : l); }
+
+/* Weighted squared error of scale*l + min expanded in the accumulated moments. */
+static inline double affine_err(double sum_x2, double sum_x, double sum_w, double sum_l, double sum_l2,
+                                double sum_xl, double s, double m) {
+    return sum_x2 - 2 * s * sum_xl - 2 * m * sum_x + 2 * s * m * sum_l + s * s * sum_l2 + m * m * sum_w;
+}
+
+/* Closed-form weighted least squares for (scale, min); returns the system's determinant
+ * D (the fit is meaningful only for D > 0; callers test it the way the reference does). */
+static inline double affine_fit(double sum_w, double sum_x, double sum_l, double sum_l2, double sum_xl,
+                                double *ps, double *pm) {
+    double D = sum_w * sum_l2 - sum_l * sum_l;
+    double s = (sum_w * sum_xl - sum_x * sum_l) / D;
+    double m = (sum_l2 * sum_x - sum_l * sum_xl) / D;
+    if (m > 0) {
+        /* the model requires min <= 0: refit the scale alone */
+        m = 0;
+        s = sum_xl / sum_l2;
+    }
+    *ps = s;
+    *pm = m;
+    return D;
+}
 
 static float weighted_affine_scale(int n, int nmax, const float *x, const float *w, uint8_t *L,
                                    float *neg_min, float rmin, float rdelta, int nstep) {
     uint8_t Laux[QK];
     float min = x[0], max = x[0];
-    float sum_w = w[0];
-    float sum_x = sum_w * x[0];
+    double sum_w = (double)w[0];
+    double sum_x = sum_w * (double)x[0];
+    double sum_x2 = sum_w * (double)x[0] * (double)x[0];
     for (int i = 1; i < n; ++i) {
         if (x[i] < min) min = x[i];
         if (x[i] > max) max = x[i];
-        sum_w += w[i];
-        sum_x += w[i] * x[i];
+        sum_w += (double)w[i];
+        sum_x += (double)w[i] * (double)x[i];
+        sum_x2 += (double)w[i] * (double)x[i] * (double)x[i];
     }
     if (min > 0.0f) min = 0.0f;
-    if (max <= min) {
+    if (max - min < 1e-10f) {
         memset(L, 0, (size_t)n);
         *neg_min = -min;
         return 0.0f;
     }
     float iscale = (float)nmax / (max - min);
     float scale = 1.0f / iscale;
-    float best_err = 0.0f;
+    double best_err = 0;
     for (int i = 0; i < n; ++i) {
-        int l = clamp_aff(ek_nearest_int(iscale * (x[i] - min)), nmax);
-        L[i] = (uint8_t)l;
-        float diff = scale * (float)L[i] + min - x[i];
-        best_err += w[i] * (diff * diff);
+        L[i] = (uint8_t)clamp_aff(ek_nearest_int(iscale * (x[i] - min)), nmax);
+        double diff = (double)scale * (double)L[i] + (double)min - (double)x[i];
+        best_err += (double)w[i] * (diff * diff);
     }
     for (int is = 0; is <= nstep; ++is) {
         iscale = (rmin + rdelta * (float)is + (float)nmax) / (max - min);
-        float sum_l = 0.0f, sum_l2 = 0.0f, sum_xl = 0.0f;
+        double sum_l = 0, sum_l2 = 0, sum_xl = 0;
         for (int i = 0; i < n; ++i) {
             int l = clamp_aff(ek_nearest_int(iscale * (x[i] - min)), nmax);
             Laux[i] = (uint8_t)l;
-            sum_l += w[i] * (float)l;
-            sum_l2 += w[i] * (float)l * (float)l;
-            sum_xl += w[i] * (float)l * x[i];
+            sum_l += (double)w[i] * (double)l;
+            sum_l2 += (double)w[i] * (double)l * (double)l;
+            sum_xl += (double)w[i] * (double)l * (double)x[i];
         }
-        float D = sum_w * sum_l2 - sum_l * sum_l;
-        if (D > 0.0f) {
-            float this_scale = (sum_w * sum_xl - sum_x * sum_l) / D;
-            float this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D;
-            if (this_min > 0.0f) {
-                /* the model requires min <= 0: refit the scale alone */
-                this_min = 0.0f;
-                this_scale = sum_xl / sum_l2;
-            }
-            float err = 0.0f;
-            for (int i = 0; i < n; ++i) {
-                float diff = this_scale * (float)Laux[i] + this_min - x[i];
-                err += w[i] * (diff * diff);
-            }
-            if (err < best_err) {
-                memcpy(L, Laux, (size_t)n);
-                best_err = err;
-                scale = this_scale;
-                min = this_min;
+        double s, m;
+        if (!(affine_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl, &s, &m) > 0)) continue;
+        double err = affine_err(sum_x2, sum_x, sum_w, sum_l, sum_l2, sum_xl, s, m);
+        if (err < best_err) {
+            memcpy(L, Laux, (size_t)n);
+            best_err = err;
+            scale = (float)s;
+            min = (float)m;
+        }
+    }
+
+    double sum_l = 0, sum_l2 = 0, sum_xl = 0;
+    for (int i = 0; i < n; ++i) {
+        double wi = (double)w[i];
+        sum_l += wi * (double)L[i];
+        sum_l2 += wi * (double)L[i] * (double)L[i];
+        sum_xl += wi * (double)L[i] * (double)x[i];
+    }
+    /* score = -(error - sum_x2): larger is better */
+    double best = 2 * (double)scale * sum_xl + 2 * (double)min * sum_x - 2 * (double)scale * (double)min * sum_l
+                - (double)scale * (double)scale * sum_l2 - (double)min * (double)min * sum_w;
+    int last_j = -1, last_dir = 0;
+    for (int itry = 0; itry < nmax * n; ++itry) {
+        float gmax = 0.0f;
+        int best_j = -1, dir = 0;
+        for (int j = 0; j < n; ++j) {
+            float g = x[j] - scale * (float)L[j] - min;
+            if (g > 0.0f && L[j] < nmax && g > gmax) {
+                gmax = g; best_j = j; dir = 1;
+            } else if (g < 0.0f && L[j] > 0 && -g > gmax) {
+                gmax = -g; best_j = j; dir = -1;
             }
         }
+        /* stop when nothing can move or the search would undo its previous step */
+        if (best_j < 0 || (best_j == last_j && dir == -last_dir)) break;
+        double wj = (double)w[best_j];
+        sum_l += wj * (double)dir;
+        sum_l2 += wj * (double)(2 * L[best_j] * dir + 1);
+        sum_xl += wj * (double)x[best_j] * (double)dir;
+        double s, m;
+        if (affine_fit(sum_w, sum_x, sum_l, sum_l2, sum_xl, &s, &m) <= 0) break;
+        if (s < 0) break;
+        double score = 2 * s * sum_xl + 2 * m * sum_x - 2 * s * m * sum_l - s * s * sum_l2 - m * m * sum_w;
+        if (score <= best) break;
+        best = score;
+        scale = (float)s;
+        min = (float)m;
+        L[best_j] = (uint8_t)(L[best_j] + dir);
+        last_j = best_j;
+        last_dir = dir;
     }
     *neg_min = -min;
     return scale;
@@ -211,13 +328,13 @@ static void q4_0_block_plain(const float *xb, uint8_t *blk) {
     const float max = signed_absmax(xb);
     const float d = max / -8.0f; /* an all-zero block gives -0.0 (fp16 0x8000) */
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    uint8_t L[QK];
-    for (int j = 0; j < QK; ++j) {
-        int v = (int)(xb[j] * id + 8.5f);
-        L[j] = (uint8_t)(v > 15 ? 15 : v);
-    }
     ek_wr16(blk, ek_fp32_to_fp16(d));
-    pack_nibbles(blk + 2, L);
+    for (int j = 0; j < QK / 2; ++j) {
+        /* MIN(15, (int8_t)v) then OR-ed unmasked, exactly like the reference */
+        int v0 = low_i8(xb[j] * id + 8.5f), v1 = low_i8(xb[j + QK / 2] * id + 8.5f);
+        uint8_t q0 = (uint8_t)(v0 < 15 ? v0 : 15), q1 = (uint8_t)(v1 < 15 ? v1 : 15);
+        blk[2 + j] = (uint8_t)(q0 | (q1 << 4));
+    }
 }
 
 void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
@@ -268,14 +385,13 @@ static void q4_1_block_plain(const float *xb, uint8_t *blk) {
     min_max(xb, &min, &max);
     const float d = (max - min) / 15.0f;
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    uint8_t L[QK];
-    for (int j = 0; j < QK; ++j) {
-        int v = (int)((xb[j] - min) * id + 0.5f);
-        L[j] = (uint8_t)(v > 15 ? 15 : v);
-    }
     ek_wr16(blk, ek_fp32_to_fp16(d));
     ek_wr16(blk + 2, ek_fp32_to_fp16(min));
-    pack_nibbles(blk + 4, L);
+    for (int j = 0; j < QK / 2; ++j) {
+        int v0 = low_i8((xb[j] - min) * id + 0.5f), v1 = low_i8((xb[j + QK / 2] - min) * id + 0.5f);
+        uint8_t q0 = (uint8_t)(v0 < 15 ? v0 : 15), q1 = (uint8_t)(v1 < 15 ? v1 : 15);
+        blk[4 + j] = (uint8_t)(q0 | (q1 << 4));
+    }
 }
 
 void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
@@ -320,8 +436,8 @@ static void q5_0_block_plain(const float *xb, uint8_t *blk) {
     const float id = d != 0.0f ? 1.0f / d : 0.0f;
     uint8_t L[QK];
     for (int j = 0; j < QK; ++j) {
-        int v = (int)(xb[j] * id + 16.5f);
-        L[j] = (uint8_t)(v > 31 ? 31 : v);
+        int v = low_i8(xb[j] * id + 16.5f);
+        L[j] = (uint8_t)(v < 31 ? v : 31);
     }
     ek_wr16(blk, ek_fp32_to_fp16(d));
     pack_q5(blk + 6, blk + 2, L);
@@ -371,7 +487,7 @@ static void q5_1_block_plain(const float *xb, uint8_t *blk) {
     uint8_t L[QK];
     /* no clamp here in the reference: (x-min)*id + 0.5 stays below 32 for finite input,
      * and the uint8 conversion keeps the low bits of the truncated value */
-    for (int j = 0; j < QK; ++j) L[j] = (uint8_t)(int)((xb[j] - min) * id + 0.5f);
+    for (int j = 0; j < QK; ++j) L[j] = (uint8_t)low_u8((xb[j] - min) * id + 0.5f);
     ek_wr16(blk, ek_fp32_to_fp16(d));
     ek_wr16(blk + 2, ek_fp32_to_fp16(min));
     pack_q5(blk + 8, blk + 4, L);
@@ -416,32 +532,22 @@ void ek_dequantize_row_q5_1(const uint8_t *y, float *x, int64_t n, int variant) 
 
 /* =========================================================================== Q6_0 */
 
-static void q6_0_block_plain(const float *xb, uint8_t *blk) {
-    const float max = signed_absmax(xb);
-    const float d = max / -32.0f;
-    const float id = d != 0.0f ? 1.0f / d : 0.0f;
-    uint8_t L[QK];
-    for (int j = 0; j < QK; ++j) {
-        int v = (int)(xb[j] * id + 32.5f);
-        L[j] = (uint8_t)(v > 63 ? 63 : v);
-    }
-    ek_wr16(blk, ek_fp32_to_fp16(d));
-    pack_q6(blk + 10, blk + 2, L);
-}
-
+/* Q6_0 always goes through the weighted search: with an imatrix the weights are
+ * qw*sqrt(sigma2 + x^2), without one they are x^2 (the reference has no plain max/-32
+ * path in its quantize_q6_0). */
 void ek_quantize_row_q6_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
-    if (!qw) {
-        for (int64_t ib = 0; ib < nb; ++ib) q6_0_block_plain(x + ib * QK, y + ib * 26);
-        return;
-    }
-    const float sigma2 = row_sigma2(x, n);
+    const float sigma2 = qw ? row_sigma2(x, n) : 0.0f;
     float w[QK];
     uint8_t L[QK];
     for (int64_t ib = 0; ib < nb; ++ib) {
         const float *xb = x + ib * QK;
-        imatrix_weights(w, xb, qw + ib * QK, sigma2);
+        if (qw) {
+            imatrix_weights(w, xb, qw + ib * QK, sigma2);
+        } else {
+            for (int j = 0; j < QK; ++j) w[j] = xb[j] * xb[j];
+        }
         float d = weighted_sym_scale(QK, 32, xb, w, L);
         ek_wr16(y + ib * 26, ek_fp32_to_fp16(d));
         pack_q6(y + ib * 26 + 10, y + ib * 26 + 2, L);
@@ -480,7 +586,7 @@ void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw
         const float d = amax / 127.0f;
         const float id = d != 0.0f ? 1.0f / d : 0.0f;
         ek_wr16(blk, ek_fp32_to_fp16(d));
-        for (int j = 0; j < QK; ++j) blk[2 + j] = (uint8_t)(int8_t)(int)roundf(xb[j] * id);
+        for (int j = 0; j < QK; ++j) blk[2 + j] = (uint8_t)low_u8(roundf(xb[j] * id));
     }
 }
 
@@ -495,27 +601,54 @@ void ek_dequantize_row_q8_0(const uint8_t *y, float *x, int64_t n, int variant) 
 
 /* ========================================================================= IQ4_NL */
 
-/* Index of the table entry nearest to v; on an exact tie the upper entry wins. Out of
- * range values clamp to the ends. The reference looks the candidate pair up through
- * (int)v, which on x86 turns NaN and |v| >= 2^31 into INT_MIN and thus index 0; that
- * corner is kept so degenerate blocks encode the same. */
+/* Midpoints between consecutive IQ4_NL table values. */
+static const float k_iq4nl_mid[15] = {
+    -115.5f, -93.5f, -74.0f, -57.0f, -42.0f, -28.5f, -16.0f, -4.5f,
+    7.0f, 19.0f, 31.5f, 45.5f, 61.0f, 79.0f, 101.0f
+};
+
+/* Index of the table entry nearest to v, the upper one on an exact tie, clamped to the
+ * table's ends, i.e. the number of midpoints <= v. The reference finds the candidate
+ * pair through (int)v and compares v - t[k] < t[k+1] - v in float; near a midpoint both
+ * differences are exact, so that equals counting midpoints. Its (int)v is cvttss2si on
+ * x86, which maps NaN and |v| >= 2^31 to INT_MIN and hence to index 0: NaN and -inf
+ * count no midpoint here, +inf and v >= 2^31 are special-cased. The count is a
+ * branch-free binary search (data-dependent branches dominate the IQ4_NL search
+ * otherwise). Checked against the reference's lookup for all 2^32 float bit patterns. */
 static inline int iq4nl_best_index(float v) {
-    const int8_t *t = k_iq4nl_values;
-    if (!(v > -2147483648.0f && v < 2147483648.0f)) return 0;
-    if (v <= (float)t[0]) return 0;
-    if (v >= (float)t[15]) return 15;
-    int lo = 0, hi = 15;
-    while (hi - lo > 1) {
-        int mid = (lo + hi) / 2;
-        if (v < (float)t[mid]) hi = mid; else lo = mid;
-    }
-    return v - (float)t[lo] < (float)t[hi] - v ? lo : hi;
+    int pos = v >= k_iq4nl_mid[7] ? 8 : 0;
+    pos += v >= k_iq4nl_mid[pos + 3] ? 4 : 0;
+    pos += v >= k_iq4nl_mid[pos + 1] ? 2 : 0;
+    pos += v >= k_iq4nl_mid[pos] ? 1 : 0;
+    return v >= 2147483648.0f ? 0 : pos;
 }
 
-/* One 32-element block: start from d = max/127 (the largest magnitude lands on -127 or
- * +113 side as its sign dictates), then try the 15 reciprocal scales (k-127)/max,
- * k = -7..7, keeping the weighted least-squares scale with the best score; the codes are
- * re-derived from the final float scale. */
+/* Codes nearest to id*x for a whole block. */
+static inline void iq4nl_indices(const float *xb, float id, uint8_t *L) {
+    for (int j = 0; j < QK; ++j) L[j] = (uint8_t)iq4nl_best_index(id * xb[j]);
+}
+
+/* Weighted sums of q*x and q*q over the block for the codes L, in element order. */
+static inline void iq4nl_sums(const float *xb, const float *w, const uint8_t *L, float *psumqx, float *psumq2) {
+    float sumqx = 0.0f, sumq2 = 0.0f;
+    for (int j = 0; j < QK; ++j) {
+        float q = (float)k_iq4nl_values[L[j]];
+        sumqx += w[j] * q * xb[j];
+        sumq2 += w[j] * q * q;
+    }
+    *psumqx = sumqx;
+    *psumq2 = sumq2;
+}
+
+/* One 32-element block (ik_llama.cpp's quantize_row_iq4_nl_impl with one block per
+ * super-block and ntry = 7):
+ *  1. d = max/127 (max = signed value of largest magnitude), codes nearest to x/d.
+ *  2. For k = -7..7 try the reciprocal scales (k - 127)/max and (k + 113)/max (the
+ *     extreme element on either end of the table); keep the codes with the best
+ *     weighted least-squares score sumqx^2/sumq2.
+ *  3. Greedy refinement: move the code whose next table value is reached by the
+ *     smallest change of the gradient, one step, while the score improves.
+ *  4. Store the float scale as fp16 and re-derive every code from it. */
 static void iq4nl_block(const float *xb, const float *qw, uint8_t *blk) {
     const int ntry = 7;
     const int8_t *t = k_iq4nl_values;
@@ -539,34 +672,57 @@ static void iq4nl_block(const float *xb, const float *qw, uint8_t *blk) {
     if (!(amax < EK_GROUP_MAX_EPS)) {
         float d = -max / (float)t[0];
         float id = 1.0f / d;
-        float sumqx = 0.0f, sumq2 = 0.0f;
-        for (int j = 0; j < QK; ++j) {
-            int l = iq4nl_best_index(id * xb[j]);
-            float q = (float)t[l];
-            sumqx += w[j] * q * xb[j];
-            sumq2 += w[j] * q * q;
-        }
+        float sumqx, sumq2;
+        uint8_t Lc[QK];
+        iq4nl_indices(xb, id, L);
+        iq4nl_sums(xb, w, L, &sumqx, &sumq2);
         d = sumqx / sumq2;
         float best = d * sumqx;
+        float best_sumqx = sumqx, best_sumq2 = sumq2;
         for (int itry = -ntry; itry <= ntry; ++itry) {
-            id = (float)(itry + t[0]) / max;
-            sumqx = 0.0f; sumq2 = 0.0f;
+            for (int end = 0; end < 2; ++end) {
+                id = (float)(itry + (end == 0 ? t[0] : t[15])) / max;
+                iq4nl_indices(xb, id, Lc);
+                iq4nl_sums(xb, w, Lc, &sumqx, &sumq2);
+                if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
+                    d = sumqx / sumq2;
+                    best = d * sumqx;
+                    best_sumqx = sumqx;
+                    best_sumq2 = sumq2;
+                    memcpy(L, Lc, QK);
+                }
+            }
+        }
+        sumqx = best_sumqx;
+        sumq2 = best_sumq2;
+        for (int iter = 0; iter < 32 * QK; ++iter) {
+            float min_step = INFINITY;
+            int best_j = -1, dir = 0;
             for (int j = 0; j < QK; ++j) {
-                int l = iq4nl_best_index(id * xb[j]);
-                float q = (float)t[l];
-                sumqx += w[j] * q * xb[j];
-                sumq2 += w[j] * q * q;
+                float g = d * w[j] * (xb[j] - d * (float)t[L[j]]);
+                if (g > 0.0f && L[j] < 15) {
+                    float step = (float)(t[L[j] + 1] - t[L[j]]) / g;
+                    if (step < min_step) { min_step = step; best_j = j; dir = 1; }
+                } else if (g < 0.0f && L[j] > 0) {
+                    float step = (float)(t[L[j] - 1] - t[L[j]]) / g;
+                    if (step < min_step) { min_step = step; best_j = j; dir = -1; }
+                }
             }
-            if (sumq2 > 0.0f && sumqx * sumqx > best * sumq2) {
-                d = sumqx / sumq2;
-                best = d * sumqx;
-            }
+            if (best_j < 0) break;
+            const int qo = t[L[best_j]], qn = t[L[best_j] + dir];
+            float new_sumqx = sumqx + w[best_j] * xb[best_j] * (float)(qn - qo);
+            float new_sumq2 = sumq2 + w[best_j] * (float)(qn * qn - qo * qo);
+            if (!(new_sumq2 > 0.0f && new_sumqx * new_sumqx > best * new_sumq2)) break;
+            sumqx = new_sumqx;
+            sumq2 = new_sumq2;
+            d = sumqx / sumq2;
+            best = d * sumqx;
+            L[best_j] = (uint8_t)(L[best_j] + dir);
         }
         scale = d;
     }
     ek_wr16(blk, ek_fp32_to_fp16(scale));
-    const float id = scale != 0.0f ? 1.0f / scale : 0.0f;
-    for (int j = 0; j < QK; ++j) L[j] = (uint8_t)iq4nl_best_index(id * xb[j]);
+    iq4nl_indices(xb, scale != 0.0f ? 1.0f / scale : 0.0f, L);
     pack_nibbles(blk + 2, L);
 }
 

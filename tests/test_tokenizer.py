@@ -1,7 +1,6 @@
 """Tokenizer: exact token ids against the reference (llama.cpp / ik_llama.cpp)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
