@@ -16,6 +16,15 @@
  *   Q8_0   {d; qs[32] int8}       34 B   x = d*q
  *   IQ4_NL {d; qs[16]}            18 B   x = d*T[q], T the 16-entry non-linear table
  * In every 4-bit array byte j holds element j (low nibble) and element j+16 (high).
+ *
+ * Which quantizer runs (as in the reference's quantize_<type>, one row at a time):
+ *   Q4_0, Q5_0   no imatrix: closed form d = max/-8 (-16); imatrix: weighted symmetric search
+ *   Q4_1, Q5_1   no imatrix: closed form from min/max;      imatrix: weighted affine search
+ *   Q6_0         always the weighted symmetric search (weights x^2 without an imatrix)
+ *   Q8_0         always d = amax/127 (the importance matrix is ignored)
+ *   IQ4_NL       always its table search (weights x^2 without an imatrix)
+ * The imatrix weight of element j is qw[j]*sqrt(sigma2 + x[j]^2), sigma2 the row's mean
+ * square (IQ4_NL: twice the block's mean square).
  */
 #include <float.h>
 #include "ek_common.h"
@@ -97,14 +106,14 @@ static inline int clamp_sym(int l, int nmax) {
     return l;
 }
 
-/* Codes RNE(iscale*x) clamped to [-nmax, nmax-1] (stored offset by nmax) and their
- * weighted sums sum w*x*l and sum w*l*l, in element order. */
-static inline void sym_codes_sums(int n, int nmax, const float *x, const float *w, float iscale,
-                                  uint8_t *L, float *psumlx, float *psuml2) {
+/* Weighted sums sum w*x*l and sum w*l*l for the codes l = RNE(iscale*x) clamped to
+ * [-nmax, nmax-1], in element order. (Codes are recomputed only for an accepted
+ * candidate; storing them for every candidate measured slower.) */
+static inline void sym_sums(int n, int nmax, const float *x, const float *w, float iscale,
+                            float *psumlx, float *psuml2) {
     float sumlx = 0.0f, suml2 = 0.0f;
     for (int i = 0; i < n; ++i) {
         int l = clamp_sym(ek_nearest_int(iscale * x[i]), nmax);
-        L[i] = (uint8_t)(l + nmax);
         sumlx += w[i] * x[i] * (float)l;
         suml2 += w[i] * (float)l * (float)l;
     }
@@ -122,20 +131,26 @@ static float weighted_sym_scale(int n, int nmax, const float *x, const float *w,
         memset(L, 0, (size_t)n);
         return 0.0f;
     }
-    uint8_t Laux[QK];
-    float sumlx, suml2;
-    sym_codes_sums(n, nmax, x, w, (float)(-nmax) / max, L, &sumlx, &suml2);
+    float iscale = (float)(-nmax) / max;
+    float sumlx = 0.0f, suml2 = 0.0f;
+    for (int i = 0; i < n; ++i) {
+        int l = clamp_sym(ek_nearest_int(iscale * x[i]), nmax);
+        L[i] = (uint8_t)(l + nmax);
+        sumlx += w[i] * x[i] * (float)l;
+        suml2 += w[i] * (float)l * (float)l;
+    }
     float scale = suml2 != 0.0f ? sumlx / suml2 : 0.0f;
     float best = scale * sumlx;
     float best_sumlx = sumlx, best_suml2 = suml2;
     for (int is = -9; is <= 9; ++is) {
         for (int side = 0; side < 2; ++side) {
-            const float iscale = side == 0 ? -((float)nmax + 0.1f * (float)is) / max
-                                           : ((float)(nmax - 1) + 0.1f * (float)is) / max;
-            sym_codes_sums(n, nmax, x, w, iscale, Laux, &sumlx, &suml2);
+            iscale = side == 0 ? -((float)nmax + 0.1f * (float)is) / max
+                               : ((float)(nmax - 1) + 0.1f * (float)is) / max;
+            sym_sums(n, nmax, x, w, iscale, &sumlx, &suml2);
             /* sumlx^2/suml2 > best, compared without dividing */
             if (suml2 > 0.0f && sumlx * sumlx > best * suml2) {
-                memcpy(L, Laux, (size_t)n);
+                for (int i = 0; i < n; ++i)
+                    L[i] = (uint8_t)(nmax + clamp_sym(ek_nearest_int(iscale * x[i]), nmax));
                 scale = sumlx / suml2;
                 best = scale * sumlx;
                 best_sumlx = sumlx;
@@ -646,8 +661,9 @@ static inline void iq4nl_sums(const float *xb, const float *w, const uint8_t *L,
  *  2. For k = -7..7 try the reciprocal scales (k - 127)/max and (k + 113)/max (the
  *     extreme element on either end of the table); keep the codes with the best
  *     weighted least-squares score sumqx^2/sumq2.
- *  3. Greedy refinement: move the code whose next table value is reached by the
- *     smallest change of the gradient, one step, while the score improves.
+ *  3. Greedy refinement: among codes whose weighted error gradient points to a
+ *     neighbouring table value, move the one needing the smallest step (value gap
+ *     divided by gradient), one step at a time, while the score improves.
  *  4. Store the float scale as fp16 and re-derive every code from it. */
 static void iq4nl_block(const float *xb, const float *qw, uint8_t *blk) {
     const int ntry = 7;
