@@ -179,6 +179,23 @@ class LogitsFileWriter:
         self.accumulator.add(nll)
         return nll
 
+    def write_encoded(self, records: np.ndarray) -> None:
+        """Append the next chunk's records already produced by :func:`encode_records`.
+
+        Lets a resumable pass keep each chunk's records on disk and assemble the file at the end.
+        """
+        if self._fh is None:
+            raise ValueError(f"{self.path}: writer is closed")
+        k = self.chunks_written
+        if k >= self.n_chunks:
+            raise ValueError(f"{self.path}: all {self.n_chunks} chunks already written")
+        expected = _record_dtype(self.n_vocab)
+        if records.dtype != expected or records.shape != (self.n_rows,):
+            raise ValueError(f"chunk {k}: expected {self.n_rows} records of dtype {expected}, "
+                             f"got shape {records.shape} dtype {records.dtype}")
+        self._fh.write(records.tobytes())
+        self.chunks_written += 1
+
     def close(self) -> Path:
         """Finish: check that every chunk was written, then rename the temporary file to ``path``."""
         if self._fh is None:

@@ -1,0 +1,47 @@
+"""`evalkit run CONFIG` and `evalkit check RESULTS --thresholds FILE`."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from evalkit.config import ConfigError, load_config
+    from evalkit.pipeline import RunError, run
+
+    try:
+        cfg = load_config(args.config)
+        if args.chunks is not None:
+            cfg.chunks = args.chunks
+        if args.threads is not None:
+            cfg.threads = args.threads
+        if args.output_dir is not None:
+            cfg.output_dir = args.output_dir
+        out = run(cfg, progress=not args.no_progress, restart=args.restart)
+    except (ConfigError, RunError) as e:
+        print(f"evalkit run: error: {e}", file=sys.stderr)
+        return 2
+    print(f"\nresults written to {out}")
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    from evalkit.check import main as check_main
+    return check_main(args.results, args.thresholds)
+
+
+def register(sub) -> None:
+    """Add the `run` and `check` subcommands."""
+    p = sub.add_parser("run", help="evaluate variants of a model against its base (YAML config)")
+    p.add_argument("config", help="run configuration (YAML)")
+    p.add_argument("--chunks", type=int, default=None, help="override the config's chunk limit")
+    p.add_argument("--threads", type=int, default=None, help="override the config's thread count")
+    p.add_argument("--output-dir", default=None, help="override the config's output_dir")
+    p.add_argument("--restart", action="store_true", help="ignore partial results of an earlier run")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_run)
+
+    c = sub.add_parser("check", help="gate a results.json on metric thresholds (exit 0 ok, 1 crossed, 2 bad input)")
+    c.add_argument("results", help="results/<run>/results.json")
+    c.add_argument("--thresholds", required=True, help="thresholds YAML")
+    c.set_defaults(func=_cmd_check)
