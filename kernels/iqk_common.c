@@ -249,7 +249,8 @@ float ek_iqk_scale_of_scales(int n, int nmax, const float *s, const float *c, in
  * table's own values; four independent accumulators. For NI3..NI5,
  * trunc(-a) = -trunc(a), so one conversion serves both signs.
  * No truncation range check is needed here: every id used by BF is
- * c/m (|c| <= 140) or 1/(-m/T0[0]), and |x_j| <= |m|, so |a| < 150. */
+ * (step*t + T[0])/m or 1/(-m/T0[0]) and |x_j| <= |m|, so |a| stays within
+ * |step*ntry| + |T[0]| (+ rounding), far inside the int range. */
 static inline __attribute__((always_inline)) void
 ek_iqk_bf_eval(int bits, const float *T, float id, const float *x, const float *w, int B, float *sp, float *qp,
                float *sm, float *qm) {

@@ -61,9 +61,9 @@ static inline int ek_iqk_ni_lookup(const float *V, float t, int k, const uint8_t
 
 /* The same search returning the value V[NI] instead of the index. */
 static inline float ek_iqk_nv_lookup(const float *V, float t, int k, const uint8_t *tab, int L, int n) {
-    if ((unsigned)k >= (unsigned)L) return k < 0 ? V[0] : V[n - 1];
+    if (__builtin_expect((unsigned)k >= (unsigned)L, 0)) return k < 0 ? V[0] : V[n - 1];
     const int e = tab[k];
-    if (e < n) return V[e];
+    if (__builtin_expect(e < n, 1)) return V[e];
     const int i = e - n;
     return t - V[i] < V[i + 1] - t ? V[i] : V[i + 1];
 }
@@ -133,8 +133,11 @@ void ek_iqk_weights(const float *x, const float *qw, int n, float sigma2, int mo
 float ek_iqk_scale_of_scales(int n, int nmax, const float *s, const float *c, int8_t *L);
 
 /* Block fit BF. bits selects the table/NI (3: V3/NI3, 4: V4/NI4, 5: V5/NI5,
- * 6: V6/NI6); T0/T1 are the base and shifted halves as floats; B the block
- * length (16 or 32); step the integer step between tries. Outcome: */
+ * 6: V6/NI6); T0/T1 are the base and shifted halves as floats (e.g. ek_iqk_v4f
+ * and ek_iqk_v4f + 16); B the block length (16 and 32 have specialised code);
+ * step the integer step between tries; guard/refit as in the spec's table
+ * (IQ3_K: 3,2,1,1; IQ4_K: 7,1,0,0; IQ5_K/IQ6_K: 5,1,0,1; IQ3_KS: 5,1,1,0;
+ * IQ4_KS: 7,1,0,0; IQ5_KS: 5,1,0,0 for ntry,step,guard,refit). Outcome: */
 enum ek_iqk_bf_result {
     EK_IQK_BF_EMPTY = 0, /* max|x| < 1e-16f: scale 0, shift 0 */
     EK_IQK_BF_ZERO = 1,  /* the search ended with d == 0 (exactly); *shift as found, no refit done */
@@ -143,10 +146,11 @@ enum ek_iqk_bf_result {
 int ek_iqk_block_fit(int bits, const float *T0, const float *T1, const float *x, const float *w, int B,
                      int ntry, int step, int guard, int refit, float *d, int *shift);
 
-/* IQ2 partition search (spec 3.3 step 1; IQ2_KS slow path with B = 32). The
- * caller has checked that the block is not empty. Tries i1 < max_i1,
- * i2 in [i1, B), i3 in [max(i2, min_i3), B). V is the 8-entry V2 table
- * (base then shifted). Returns d, and *shift. */
+/* IQ2 partition search (spec 3.3 step 1; IQ2_KS slow path with B = 32,
+ * max_i1 = 24, min_i3 = 8). B <= 32. The caller has checked that the block is
+ * not empty. Tries i1 < max_i1, i2 in [i1, B), i3 in [max(i2, min_i3), B), the
+ * four value assignments per partition, ACC with best = 0, d = 0. V is the
+ * 8-entry V2 table (base then shifted) as floats. Returns d and *shift. */
 float ek_iqk_iq2_partition(const float *x, const float *w, int B, int max_i1, int min_i3, const float *V,
                            int *shift);
 
@@ -160,6 +164,24 @@ static inline float ek_iqk_amax(const float *x, int n, float *m) {
     }
     *m = mx;
     return amax;
+}
+
+/* ---- dequantization helpers ----
+ * Index extraction works on 16 bytes at a time with GNU C vector types
+ * (integer operations only; float results are computed one by one). */
+typedef uint8_t ek_iqk_v16u8 __attribute__((vector_size(16)));
+static inline ek_iqk_v16u8 ek_iqk_load16(const uint8_t *p) {
+    ek_iqk_v16u8 v;
+    memcpy(&v, p, 16);
+    return v;
+}
+/* out[t] = fl(dl * V[idx[t]]) for t < 16. */
+static inline void ek_iqk_scale16(float dl, const float *V, ek_iqk_v16u8 idx, float *out) {
+    uint8_t k[16];
+    float v[16];
+    memcpy(k, &idx, 16);
+    for (int t = 0; t < 16; ++t) v[t] = V[k[t]];
+    for (int t = 0; t < 16; ++t) out[t] = dl * v[t]; /* element-wise, vectorizable */
 }
 
 #endif
