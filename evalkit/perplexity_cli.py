@@ -10,7 +10,6 @@ import time
 def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None = None,
                threads: int | None = None, progress: bool = True, out=sys.stdout) -> dict:
     """Evaluate a model's perplexity the way llama-perplexity does; returns the JSON-able result."""
-    import numpy as np
     import torch
 
     from evalkit.config import CorpusSpec

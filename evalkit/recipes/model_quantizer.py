@@ -1,0 +1,198 @@
+"""Quantize a whole model, tensor by tensor, exactly as ik_llama.cpp's ``llama-quantize``.
+
+The source (a GGUF file, or a HuggingFace checkpoint directory via
+:mod:`evalkit.recipes.hf_source`) is memory-mapped; each tensor is dequantized to
+float32 (exactly, with the reference's ``to_float``), quantized by the C kernels and
+streamed to the output, so peak memory is a few tensors. Tensors whose type does not
+change are copied byte for byte. The output appears atomically (temp file + rename);
+any failure leaves no output file.
+"""
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from evalkit.formats import get_format
+from evalkit.recipes.ftypes import FType, get_ftype
+from evalkit.recipes.plan import QuantPlan, TensorPlan, build_plan, kernel_gaps
+from evalkit.recipes.rules import TypeOptions
+
+__all__ = ["GGUFSource", "open_source", "quantize_tensor", "quantize_model", "load_imatrix_arg"]
+
+_PAGE = mmap.PAGESIZE
+
+
+class GGUFSource:
+    """A GGUF model as a quantization source: metadata, tensor list, raw bytes, float32 rows."""
+
+    def __init__(self, path: str | Path):
+        from evalkit.gguf import GGUFFile
+
+        self.path = str(path)
+        self.file = GGUFFile(self.path)
+        self.metadata = self.file.metadata
+        self.metadata_types = self.file.metadata_types
+        self.tensors = list(self.file.tensors.values())
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy uint8 (rows, row_bytes) view of a tensor's stored bytes."""
+        return self.file.tensor_bytes(name)
+
+    def rows_f32(self, name: str, threads: int | None = None) -> np.ndarray:
+        """The tensor as float32 rows (nrows, ne0), dequantized exactly like the reference."""
+        from evalkit.codec import dequantize
+
+        t = self.file.tensor(name)
+        q = self.file.tensor_bytes(name)
+        if t.type_name == "F32":
+            return q.view(np.float32)   # already float: no copy
+        return dequantize(q, t.type_name, t.n_per_row, threads=threads)
+
+    def release(self, name: str) -> None:
+        """Drop a finished tensor's pages from this process (the reference unmaps them too)."""
+        mm = getattr(self.file, "_mm", None)
+        if mm is None or not hasattr(mm, "madvise"):
+            return
+        t = self.file.tensor(name)
+        start = t.offset - t.offset % _PAGE
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+        except (OSError, ValueError, AttributeError):
+            pass  # only an optimisation
+
+    def close(self) -> None:
+        """Unmap the file."""
+        self.file.close()
+
+
+def open_source(path: str | Path) -> Any:
+    """Open a GGUF file, or a HuggingFace checkpoint (directory with config.json, or that file)."""
+    p = Path(path)
+    if p.is_dir() or p.name == "config.json":
+        from evalkit.recipes.hf_source import HFSource
+
+        return HFSource(p if p.is_dir() else p.parent)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    return GGUFSource(p)
+
+
+def quantize_tensor(source: Any, tp: TensorPlan, imatrix: np.ndarray | None = None,
+                    threads: int | None = None) -> np.ndarray:
+    """The output bytes of one planned tensor, uint8 (rows, row_bytes).
+
+    Copies the source bytes when the plan says so; otherwise dequantizes to float32 and
+    quantizes, with the imatrix vector split per expert for 3-D tensors.
+    """
+    from evalkit.codec import quantize
+
+    if not tp.quantize:
+        return source.raw(tp.name)
+    x = source.rows_f32(tp.name, threads)
+    if tp.dst_type == "F32":
+        # ggml's F32 "quantization" is a copy: skip the kernel and a second buffer
+        return np.ascontiguousarray(x).view(np.uint8)
+    ne0 = tp.shape[0]
+    ne1 = tp.shape[1] if len(tp.shape) > 1 else 1
+    nslices = x.shape[0] // ne1
+    if imatrix is None or nslices == 1:
+        return quantize(x, tp.dst_type, imatrix=imatrix, threads=threads)
+    # experts: each ne0×ne1 matrix has its own slice of the imatrix
+    fmt = get_format(tp.dst_type)
+    out = np.empty((x.shape[0], fmt.row_bytes(ne0)), dtype=np.uint8)
+    for e in range(nslices):
+        vec = imatrix[e * ne0:(e + 1) * ne0]
+        if vec.shape[0] != ne0:
+            raise ValueError(f"tensor {tp.name!r}: imatrix has no slice for matrix {e}")
+        out[e * ne1:(e + 1) * ne1] = quantize(x[e * ne1:(e + 1) * ne1], tp.dst_type, imatrix=vec,
+                                              threads=threads)
+    return out
+
+
+def load_imatrix_arg(imatrix: Any) -> tuple[Any, str | None]:
+    """(Imatrix or None, label for quantize.imatrix.file) from a path, an Imatrix or None."""
+    if imatrix is None:
+        return None, None
+    if isinstance(imatrix, (str, os.PathLike)):
+        from evalkit.imatrix import load_imatrix
+
+        return load_imatrix(imatrix), str(imatrix)
+    if not hasattr(imatrix, "data"):
+        raise TypeError(f"imatrix must be a path or an evalkit.imatrix.Imatrix, got {type(imatrix).__name__}")
+    return imatrix, getattr(imatrix, "path", None) or ""
+
+
+def quantize_model(src: Any, out: str | Path | None, ftype: str | int | FType, imatrix: Any = None,
+                   pure: bool = False, threads: int | None = None, overrides: Iterable[str] = (),
+                   token_embedding_type: str | None = None, output_tensor_type: str | None = None,
+                   attn_q_type: str | None = None, attn_k_type: str | None = None,
+                   attn_v_type: str | None = None, attn_output_type: str | None = None,
+                   ffn_gate_type: str | None = None, ffn_up_type: str | None = None,
+                   ffn_down_type: str | None = None, dry_run: bool = False,
+                   progress: bool = True) -> QuantPlan:
+    """Quantize model ``src`` (GGUF path, HF checkpoint directory, or an opened source) to ``out``.
+
+    ``ftype`` is an ftype name/id (IQ4_K, Q4_K_M, 140, ...); ``imatrix`` a path or an
+    Imatrix; ``overrides`` are ``'REGEX=TYPE'`` rules (first match wins); the ``*_type``
+    arguments are the reference's per-class options. With ``dry_run`` nothing is written.
+    Returns the plan (types, sizes, reasons). Errors (bad input, imatrix mismatch,
+    missing kernels) are raised before the output file is created.
+    """
+    ft = get_ftype(ftype)
+    opts = TypeOptions.create(
+        pure=pure, overrides=overrides, token_embedding_type=token_embedding_type,
+        output_tensor_type=output_tensor_type, attn_q_type=attn_q_type, attn_k_type=attn_k_type,
+        attn_v_type=attn_v_type, attn_output_type=attn_output_type, ffn_gate_type=ffn_gate_type,
+        ffn_up_type=ffn_up_type, ffn_down_type=ffn_down_type)
+    im, label = load_imatrix_arg(imatrix)
+    own = not hasattr(src, "tensors")
+    source = open_source(src) if own else src
+    bar = None
+    try:
+        plan = build_plan(source, ft, opts, im, label, None if out is None else str(out))
+        if dry_run:
+            return plan
+        if out is None:
+            raise ValueError("no output path given (only --dry-run works without one)")
+        gaps = kernel_gaps(plan)
+        if gaps:
+            raise NotImplementedError("this build of evalkit's kernels lacks: " + "; ".join(gaps))
+        from evalkit.codec import default_threads
+        from evalkit.gguf import TensorSpec, write_gguf
+
+        nthreads = default_threads() if threads is None else threads
+        if isinstance(nthreads, bool) or not isinstance(nthreads, int) or nthreads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}")
+        by_name = {t.name: t for t in plan.tensors}
+        specs = [TensorSpec(t.name, t.shape, get_format(t.dst_type).type_id) for t in plan.tensors]
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=plan.dst_bytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"quantize {ft.name}", leave=True)
+        done = [0]
+
+        def data(spec: Any) -> np.ndarray:
+            tp = by_name[spec.name]
+            vec = im.data[tp.imatrix_name] if tp.imatrix_name else None
+            return quantize_tensor(source, tp, vec, nthreads)
+
+        def written(spec: Any) -> None:
+            if hasattr(source, "release"):
+                source.release(spec.name)
+            done[0] += 1
+            if bar is not None:
+                bar.set_postfix_str(f"tensor {done[0]}/{len(specs)}", refresh=False)
+                bar.update(spec.nbytes)
+
+        write_gguf(out, plan.metadata, specs, data, plan.metadata_types, on_tensor_written=written)
+        return plan
+    finally:
+        if bar is not None:
+            bar.close()
+        if own:
+            source.close()
