@@ -33,8 +33,8 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 # and sets ``func``. Heavy imports (torch) stay inside the command functions so that
 # `evalkit --help` and `evalkit quantize` start fast.
 SUBCOMMAND_MODULES = [
-    "evalkit.quantize.cli",
-    "evalkit.model.cli",
+    "evalkit.recipes.cli",
+    "evalkit.perplexity_cli",
     "evalkit.run_cli",
 ]
 

@@ -170,7 +170,7 @@ def _validate_types(spec: VariantSpec, where: str) -> None:
     except ValueError as e:
         raise ConfigError(f"{where} ({spec.name}): {e}") from None
     if spec.ftype:
-        from evalkit.quantize.ftypes import get_ftype
+        from evalkit.recipes.ftypes import get_ftype
         try:
             get_ftype(spec.ftype)
         except ValueError as e:

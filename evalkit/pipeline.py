@@ -149,7 +149,7 @@ def _prepare_variant(cfg: RunConfig, v: VariantSpec, base_path: Path, base_sha: 
         if not p.is_file():
             raise RunError(f"variant {v.name!r}: GGUF file {p} not found")
         return p
-    from evalkit.quantize.model_quantizer import quantize_model
+    from evalkit.recipes.model_quantizer import quantize_model
     im_path = cfg.resolve(v.imatrix) if v.imatrix else None
     if im_path and not Path(im_path).is_file():
         raise RunError(f"variant {v.name!r}: imatrix file {im_path} not found")

@@ -85,7 +85,7 @@ def test_tokens_parquet_matches_results(tiny_run):
 
 
 def test_base_ppl_equals_perplexity_command(tiny_run, corpus):
-    from evalkit.model.cli import perplexity
+    from evalkit.perplexity_cli import perplexity
     import io
     _, _, res = tiny_run
     pp = perplexity(str(TINY), str(corpus), ctx=64, chunks=3, threads=2, out=io.StringIO())
