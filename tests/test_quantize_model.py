@@ -296,8 +296,8 @@ def test_ftype_names_and_ids():
                                          "IQ4_KT", "IQ3_KS", "IQ2_KL", "IQ1_KT")} == {
         "IQ4_KS": 145, "IQ2_KS": 147, "IQ4_KSS": 148, "IQ5_KS": 150, "IQ2_KT": 151, "IQ3_KT": 152,
         "IQ4_KT": 153, "IQ3_KS": 154, "IQ2_KL": 155, "IQ1_KT": 156}
-    with pytest.raises(NotImplementedError, match="IQ2_KS"):
-        quantize_model(BASE, None, "IQ2_KS", dry_run=True)
+    with pytest.raises(NotImplementedError, match="Q3_K_M"):   # Q2_K/Q3_K_* mix rules: still missing
+        quantize_model(BASE, None, "Q3_K_M", dry_run=True)
     assert set(quantize_model(BASE, None, "IQ2_KS", pure=True, dry_run=True).types().values()) == {"IQ2_KS", "F32"}
 
 

@@ -76,13 +76,15 @@ _ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 FTYPES_BY_ID: dict[int, FType] = {f.id: f for f in FTYPES.values()}
 
 # Ftypes whose llama_tensor_get_type branches are transcribed in rules.py. The others
-# (KS/KL/KT/IQ3_KL, Q2_K, Q3_K_*) take special branches of their own that are not
-# implemented yet; they still work with --pure.
+# (Q2_K, Q3_K_*) take special branches of their own that are not implemented yet; they
+# still work with --pure.
 MIX_RULES_IMPLEMENTED = frozenset({
     "F32", "F16", "BF16",
     "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_0", "Q8_0", "IQ4_NL",
     "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
     "IQ2_K", "IQ3_K", "IQ4_K", "IQ5_K", "IQ6_K",
+    "IQ2_KS", "IQ3_KS", "IQ4_KS", "IQ4_KSS", "IQ5_KS", "IQ2_KL", "IQ3_KL",
+    "IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT",
 })
 
 

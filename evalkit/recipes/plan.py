@@ -14,7 +14,8 @@ from gguf import GGUFValueType
 
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
-from evalkit.recipes.rules import CLASS_OPTIONS, ModelFacts, RuleError, TypeOptions, assign_types
+from evalkit.recipes.rules import (CLASS_OPTIONS, IGNORED_CLASS_OPTIONS, ModelFacts, RuleError, TypeOptions,
+                                   assign_types)
 
 __all__ = ["TensorPlan", "QuantPlan", "build_plan", "find_imatrix_entry", "output_metadata",
            "kernel_gaps", "GGML_QNT_VERSION"]
@@ -220,6 +221,12 @@ def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: A
     if ignored and (opts.pure or ft.is_float):
         warnings.append(f"{', '.join(ignored)} ignored with {'--pure' if opts.pure else 'ftype ' + ft.name} "
                         "(as in the reference)")
+    elif not opts.pure:
+        flags = dict(CLASS_OPTIONS)
+        ignored = [flags[a] for a in IGNORED_CLASS_OPTIONS.get(ft.name, ()) if getattr(opts, a)]
+        if ignored:
+            warnings.append(f"{', '.join(ignored)} ignored with ftype {ft.name} (as in the reference: its own "
+                            "branch of the mix rules does not look at them; use --override instead)")
     decisions = assign_types(((t.name, t.shape, t.type_name) for t in infos), ft, model, opts)
 
     plans: list[TensorPlan] = []
@@ -252,7 +259,8 @@ def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: A
         if (d.quantize and fmt.needs_imatrix and tp.imatrix_name is None
                 and info.name not in ("token_embd.weight", "output.weight")):
             raise RuleError(f"tensor {info.name!r}: {fmt.name} is a very low-bit type and needs an "
-                            "importance matrix entry for it (--imatrix)")
+                            "importance matrix entry for it (--imatrix); only token_embd.weight and "
+                            "output.weight may go without one")
         plans.append(tp)
     if has_im and missing:
         if matched == 0:

@@ -1,7 +1,10 @@
 """Per-tensor target types: ik_llama.cpp's ``llama_tensor_get_type`` and friends, as pure functions.
 
 Transcribed from ``src/llama-quantize.cpp`` (commit 8337e4cd3; spec/iqk-formats.md section 15
-is authoritative for IQ2_K..IQ6_K):
+is authoritative for IQ2_K..IQ6_K). The KS/KL/KT/IQ3_KL branches follow the reference
+versions whose fallback table matches section 15 (row widths not divisible by 256 fall back
+to IQ4_NL / Q5_0 / Q6_0 / Q8_0; later versions send IQ2_*/IQ3_* to IQ3_KT / IQ4_KT
+instead) and whose imatrix check refuses IQ1_KT / IQ2_KT (spec 14.3):
 
 * :func:`should_quantize` — which tensors are quantized at all (main loop of
   ``llama_model_quantize_internal``);
@@ -27,16 +30,18 @@ from evalkit.recipes.ftypes import FType, get_ftype
 __all__ = [
     "RuleError", "ModelFacts", "TypeOptions", "Position", "Decision",
     "should_quantize", "fallback_type", "mix_type", "tensor_type", "assign_types",
-    "parse_override", "normalize_type", "model_size_label",
+    "parse_override", "normalize_type", "model_size_label", "IGNORED_CLASS_OPTIONS",
 ]
 
 QK_K = 256
 
 # change_type_if_necessary: the types whose rows must hold whole 256-element super-blocks,
 # and where each one falls back to when they do not (then F16 if even that does not fit).
+# IQ3_S is not an evalkit type, but the IQ3_KT mix picks it for token_embd and the
+# fallback may still turn it into IQ4_NL.
 _FALLBACK = {
     **dict.fromkeys(["Q2_K", "Q3_K", "IQ2_K", "IQ3_K", "IQ2_KS", "IQ3_KS", "IQ2_KL", "IQ4_KS",
-                     "IQ4_KSS", "IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT"], "IQ4_NL"),
+                     "IQ4_KSS", "IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT", "IQ3_S"], "IQ4_NL"),
     **dict.fromkeys(["IQ4_K", "IQ5_KS", "Q4_K"], "Q5_0"),
     **dict.fromkeys(["IQ5_K", "Q5_K"], "Q6_0"),
     **dict.fromkeys(["IQ6_K", "Q6_K"], "Q8_0"),
@@ -54,6 +59,26 @@ CLASS_OPTIONS = [
     ("ffn_up_type", "--ffn-up-type"),
     ("ffn_down_type", "--ffn-down-type"),
 ]
+
+
+# Ftypes with their own branch in llama_tensor_get_type that replaces the per-class chain
+# for layer tensors: the reference then never looks at these options (and their exact-name
+# re-application cannot match blk.N.* names), so they are silently ignored.
+IGNORED_CLASS_OPTIONS = {
+    "IQ2_KS": ("attn_q_type", "attn_k_type", "attn_v_type", "ffn_gate_type", "ffn_up_type",
+               "ffn_down_type"),
+    "IQ2_KT": ("attn_q_type", "attn_k_type", "attn_v_type", "attn_output_type", "ffn_gate_type",
+               "ffn_up_type"),
+}
+
+# output.weight (or the tied token_embd): ftypes that take IQ4_K (tied) / Q5_K (own output) ...
+_OUT_IQ4K_Q5K = frozenset({"IQ2_K", "IQ3_K", "IQ2_KS", "IQ3_KS", "IQ2_KL", "IQ1_KT", "IQ2_KT",
+                           "IQ3_KT"})
+# ... and those that take IQ5_K for a tied token_embd (Q6_K for an own output.weight)
+_OUT_IQ5K_TIED = frozenset({"IQ3_KL", "IQ4_KS", "IQ4_KSS"})
+# attn_output with >= 4 experts → Q5_K (llama-quantize's list, restricted to evalkit's ftypes)
+_ATTN_OUT_MOE_Q5K = frozenset({"IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_K", "IQ4_KSS", "IQ4_KS", "IQ5_KS",
+                               "IQ2_K", "IQ3_K", "IQ3_KL", "IQ3_KT", "IQ3_KS"})
 
 
 class RuleError(ValueError):
@@ -290,6 +315,75 @@ def _layer_info(i_layer: int, n_layer: int, name: str, model: ModelFacts) -> tup
     return i_layer, n_layer
 
 
+def _iq2_ks_rules(name: str, t: str, model: ModelFacts, opts: TypeOptions,
+                  pos: Position) -> tuple[str, str, str | None]:
+    """IQ2_KS's branch (shared in the reference with IQ2_XXS/XS/S/M and IQ1_S/M).
+
+    It replaces the per-class chain: only --attn-output-type is honoured, ffn_down uses the
+    raw running count (no layer parsed from the name), ffn_gate/ffn_up counters stay put.
+    """
+    gqa, nx = model.n_gqa, model.n_expert
+    if "attn_v.weight" in name:
+        c = "i_attention_wv"
+        if gqa >= 4 or nx >= 4:
+            return "IQ4_K", f"attn_v of IQ2_KS, n_gqa={gqa}, n_expert={nx} → IQ4_K", c
+        if gqa >= 2 or nx >= 2:
+            return "IQ3_K", f"attn_v of IQ2_KS, n_gqa={gqa}, n_expert={nx} → IQ3_K", c
+        return "Q2_K", f"attn_v of IQ2_KS, n_gqa={gqa} → Q2_K", c
+    if nx >= 8 and "attn_k" in name:
+        return "Q4_K", "attn_k of IQ2_KS with ≥8 experts → Q4_K", None
+    if nx >= 8 and "attn_q" in name:
+        return "Q4_K", "attn_q of IQ2_KS with ≥8 experts → Q4_K", None
+    if "attn_qkv.weight" in name:
+        return "IQ2_K", "attn_qkv of IQ2_KS → IQ2_K", None
+    if "ffn_down" in name:
+        c = "i_ffn_down"
+        if pos.i_ffn_down < model.n_layer // 8:
+            return "Q2_K", f"ffn_down #{pos.i_ffn_down} < n_layer/8 of IQ2_KS → Q2_K", c
+        return t, "ftype default", c
+    if "attn_output.weight" in name:
+        if opts.attn_output_type:
+            return opts.attn_output_type, "--attn-output-type", None
+        if nx >= 4:
+            return "Q5_K", "attn_output of IQ2_KS with ≥4 experts → Q5_K", None
+    return t, "ftype default", None
+
+
+def _iq2_kt_rules(name: str, t: str, model: ModelFacts, opts: TypeOptions,
+                  pos: Position) -> tuple[str, str, str | None]:
+    """IQ2_KT's own branch: replaces the per-class chain, only --ffn-down-type is honoured."""
+    gqa, nx = model.n_gqa, model.n_expert
+    if "attn_v.weight" in name:
+        c = "i_attention_wv"
+        if nx >= 4 or gqa >= 4:
+            return "IQ4_K", f"attn_v of IQ2_KT, n_gqa={gqa}, n_expert={nx} → IQ4_K", c
+        if gqa >= 2:
+            return "IQ3_K", f"attn_v of IQ2_KT, n_gqa={gqa} → IQ3_K", c
+        return "Q2_K", f"attn_v of IQ2_KT, n_gqa={gqa} → Q2_K", c
+    if nx >= 8 and "attn_k" in name:
+        return "Q4_K", "attn_k of IQ2_KT with ≥8 experts → Q4_K", None
+    if nx >= 8 and any(f"blk.0.{s}" in name for s in ("ffn_down", "ffn_gate", "ffn_up")):
+        return "IQ3_K", "layer-0 FFN of IQ2_KT with ≥8 experts → IQ3_K", None
+    if nx >= 8 and "attn_q" in name:
+        return "Q4_K", "attn_q of IQ2_KT with ≥8 experts → Q4_K", None
+    if "attn_qkv.weight" in name:
+        return "IQ3_K", "attn_qkv of IQ2_KT → IQ3_K", None
+    if "_shexp.weight" in name:
+        return "IQ4_K", "shared expert of IQ2_KT → IQ4_K", None
+    if "ffn_down" in name:
+        c = "i_ffn_down"
+        i_layer, n_layer = _layer_info(pos.i_ffn_down, model.n_layer, name, model)
+        if opts.ffn_down_type:
+            return opts.ffn_down_type, "--ffn-down-type", c
+        if i_layer < n_layer // 8:
+            return "IQ3_K", f"ffn_down layer {i_layer} < n_layer/8 of IQ2_KT → IQ3_K", c
+        return t, "ftype default", c
+    if "attn_output.weight" in name:
+        new = "Q5_K" if nx >= 4 else "IQ3_K"
+        return new, f"attn_output of IQ2_KT (n_expert={nx}) → {new}", None
+    return t, "ftype default", None
+
+
 def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: TypeOptions,
                  pos: Position) -> tuple[str, str, str | None]:
     """The ftype's branches of llama_tensor_get_type (before --custom-q and the fallback)."""
@@ -304,9 +398,11 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
             return opts.output_tensor_type, f"{what}: --output-tensor-type", None
         if model.arch == "falcon" or ne0 % QK_K:
             return "Q8_0", f"{what}: falcon or {ne0} % 256 ≠ 0 → Q8_0", None
-        if ft in ("IQ2_K", "IQ3_K"):
+        if ft in _OUT_IQ4K_Q5K:
             new = "IQ4_K" if not model.has_output else "Q5_K"
             return new, f"{what} of {ft} → {new}", None
+        if ft in _OUT_IQ5K_TIED and not model.has_output:
+            return "IQ5_K", f"{what} of {ft} → IQ5_K", None
         if t not in ("Q8_0", "IQ6_K"):
             return "Q6_K", f"{what} → Q6_K", None
         return t, f"{what} keeps {t}", None
@@ -315,7 +411,15 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
     if name == "token_embd.weight":
         if opts.token_embedding_type:
             return opts.token_embedding_type, "--token-embedding-type", None
+        if ft == "IQ3_KT":
+            return "IQ3_S", "token_embd of IQ3_KT → IQ3_S", None
         return t, "ftype default", None
+
+    # ftypes whose own branch replaces everything below for the layer tensors
+    if ft == "IQ2_KT":
+        return _iq2_kt_rules(name, t, model, opts, pos)
+    if ft == "IQ2_KS":
+        return _iq2_ks_rules(name, t, model, opts, pos)
 
     if "attn_v.weight" in name:
         c = "i_attention_wv"
@@ -324,15 +428,24 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
         if model.n_expert >= 4:
             return "Q8_0", "attn_v with ≥4 experts → Q8_0", c
         if model.size_label == "70B":
+            # only these default types change; every other ftype keeps its own (IQ3_KL: IQ3_K)
             new = {"Q3_K": "Q5_K", "Q4_K": "Q5_K", "IQ3_K": "IQ5_K"}.get(t, t)
             return new, "attn_v of a 70B model", c
         if ft == "IQ2_K":
             new = "IQ4_K" if gqa >= 2 else "IQ3_K"
             return new, f"attn_v of IQ2_K, n_gqa={gqa} → {new}", c
+        if ft in ("IQ3_KT", "IQ4_KT"):
+            new = {"IQ3_KT": ("IQ4_K", "IQ3_K"), "IQ4_KT": ("IQ5_K", "IQ4_K")}[ft][gqa < 4]
+            return new, f"attn_v of {ft}, n_gqa={gqa} → {new}", c
         if ft == "IQ3_K" and gqa >= 2:
             return "IQ4_K", f"attn_v of IQ3_K, n_gqa={gqa} ≥ 2 → IQ4_K", c
-        if ft == "IQ4_NL" and gqa >= 2:
-            return "IQ5_K", f"attn_v of IQ4_NL, n_gqa={gqa} ≥ 2 → IQ5_K", c
+        if ft in ("IQ3_KS", "IQ2_KL") and gqa >= 2:
+            return "IQ4_KS", f"attn_v of {ft}, n_gqa={gqa} ≥ 2 → IQ4_KS", c
+        if ft == "IQ3_KL":
+            new = "IQ5_K" if gqa >= 2 else "IQ4_K"
+            return new, f"attn_v of IQ3_KL, n_gqa={gqa} → {new}", c
+        if ft in ("IQ4_NL", "IQ4_KS", "IQ4_KSS") and gqa >= 2:
+            return "IQ5_K", f"attn_v of {ft}, n_gqa={gqa} ≥ 2 → IQ5_K", c
         if ft == "IQ4_K" and gqa >= 2:
             return "IQ5_K", f"attn_v of IQ4_K, n_gqa={gqa} ≥ 2 → IQ5_K", c
         if ft in ("Q4_K_M", "Q5_K_M") and _use_more_bits(pos.i_attention_wv, model.n_attention_wv):
@@ -343,9 +456,10 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
             if big_vocab and is_8b_or_70b:
                 return "Q6_K", "attn_v of Q5_K_S, 8B/70B with n_vocab ≥ 127999 → Q6_K", c
             return t, "ftype default", c
-        if ft == "IQ5_K":
+        if ft in ("IQ5_K", "IQ5_KS"):
+            # this branch is taken for every IQ5_K/IQ5_KS model: no n_gqa bump for them
             if big_vocab and is_8b_or_70b:
-                return "IQ6_K", "attn_v of IQ5_K, 8B/70B with n_vocab ≥ 127999 → IQ6_K", c
+                return "IQ6_K", f"attn_v of {ft}, 8B/70B with n_vocab ≥ 127999 → IQ6_K", c
             return t, "ftype default", c
         if gqa >= 4:
             bump = {"Q3_K": "Q4_K", "IQ3_K": "IQ4_K", "IQ3_KS": "IQ4_KS", "IQ2_KL": "IQ4_KS",
@@ -366,10 +480,9 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
         if opts.attn_q_type:
             return opts.attn_q_type, "--attn-q-type", None
         if big_vocab and is_8b_or_70b:
-            if ft == "Q5_K_S":
-                return "Q4_K", "attn_q of Q5_K_S, 8B/70B with n_vocab ≥ 127999 → Q4_K", None
-            if ft == "IQ5_K":
-                return "IQ4_K", "attn_q of IQ5_K, 8B/70B with n_vocab ≥ 127999 → IQ4_K", None
+            new = {"Q5_K_S": "Q4_K", "IQ5_K": "IQ4_K", "IQ5_KS": "IQ4_KS"}.get(ft)
+            if new:
+                return new, f"attn_q of {ft}, 8B/70B with n_vocab ≥ 127999 → {new}", None
         return t, "ftype default", None
 
     if "ffn_down" in name:
@@ -377,6 +490,12 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
         i_layer, n_layer = _layer_info(pos.i_ffn_down, model.n_layer, name, model)
         if opts.ffn_down_type:
             return opts.ffn_down_type, "--ffn-down-type", c
+        if ft == "IQ3_KT" and not opts.has_imatrix:
+            new = "IQ4_K" if i_layer < n_layer // 8 else "IQ3_K"
+            return new, f"ffn_down layer {i_layer} of IQ3_KT without imatrix → {new}", c
+        if ft == "IQ3_KL":
+            new = "IQ4_KS" if _use_more_bits(i_layer, n_layer) else "IQ3_K"
+            return new, f"ffn_down layer {i_layer} of IQ3_KL (use_more_bits: {new == 'IQ4_KS'}) → {new}", c
         if ft == "Q4_K_M":
             if model.arch == "falcon":
                 new = ("Q6_K" if i_layer < n_layer // 16 else
@@ -385,8 +504,8 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
             if _use_more_bits(i_layer, n_layer):
                 return "Q6_K", f"ffn_down layer {i_layer} of Q4_K_M (use_more_bits) → Q6_K", c
             return t, "ftype default", c
-        if ft == "IQ4_NL" and i_layer < n_layer // 8 and not opts.has_imatrix:
-            return "Q5_K", f"ffn_down layer {i_layer} < n_layer/8 of IQ4_NL without imatrix → Q5_K", c
+        if ft in ("IQ4_NL", "IQ4_KS", "IQ4_KSS") and i_layer < n_layer // 8 and not opts.has_imatrix:
+            return "Q5_K", f"ffn_down layer {i_layer} < n_layer/8 of {ft} without imatrix → Q5_K", c
         if ft == "Q5_K_M" and _use_more_bits(i_layer, n_layer):
             return "Q6_K", f"ffn_down layer {i_layer} of Q5_K_M (use_more_bits) → Q6_K", c
         if ft == "Q4_K_S" and model.arch != "falcon" and i_layer < n_layer // 8:
@@ -401,23 +520,28 @@ def _ftype_rules(name: str, ne0: int, t: str, ft: str, model: ModelFacts, opts: 
             return opts.attn_output_type, "--attn-output-type", None
         if model.arch != "falcon":
             if model.n_expert >= 4:
-                if ft in ("IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_K", "IQ2_K", "IQ3_K"):
+                if ft in _ATTN_OUT_MOE_Q5K:
                     return "Q5_K", f"attn_output of {ft} with ≥4 experts → Q5_K", None
+                if ft == "IQ2_KL":
+                    return "IQ4_KS", "attn_output of IQ2_KL with ≥4 experts → IQ4_KS", None
+            elif ft == "IQ3_KT" and gqa >= 4:
+                return "IQ3_K", f"attn_output of IQ3_KT, n_gqa={gqa} ≥ 4 → IQ3_K", None
             elif ft == "IQ2_K":
                 return "IQ3_K", "attn_output of IQ2_K → IQ3_K", None
+            elif ft == "IQ3_KL":
+                return "IQ4_KS", "attn_output of IQ3_KL → IQ4_KS", None
         return t, "ftype default", None
 
-    if "ffn_gate" in name:
-        _layer_info(pos.i_ffn_gate, model.n_layer, name, model)
-        if opts.ffn_gate_type:
-            return opts.ffn_gate_type, "--ffn-gate-type", "i_ffn_gate"
-        return t, "ftype default", "i_ffn_gate"
-
-    if "ffn_up" in name:
-        _layer_info(pos.i_ffn_up, model.n_layer, name, model)
-        if opts.ffn_up_type:
-            return opts.ffn_up_type, "--ffn-up-type", "i_ffn_up"
-        return t, "ftype default", "i_ffn_up"
+    for cls in ("ffn_gate", "ffn_up"):
+        if cls in name:
+            c = f"i_{cls}"
+            i_layer, n_layer = _layer_info(getattr(pos, c), model.n_layer, name, model)
+            v = getattr(opts, f"{cls}_type")
+            if v:
+                return v, f"--{cls.replace('_', '-')}-type", c
+            if ft == "IQ3_KL" and _use_more_bits(i_layer, n_layer):
+                return "IQ4_KS", f"{cls} layer {i_layer} of IQ3_KL (use_more_bits) → IQ4_KS", c
+            return t, "ftype default", c
 
     return t, "ftype default", None
 
@@ -434,7 +558,8 @@ def mix_type(name: str, shape: Sequence[int], ftype: FType | str, model: ModelFa
         raise NotImplementedError(
             f"the mix rules of ftype {ft.name} are not implemented in evalkit yet; use --pure "
             f"(every tensor {ft.default_type}, with the reference's fallbacks) or one of the ftypes "
-            "IQ2_K..IQ6_K, Q4_0..Q8_0, IQ4_NL, Q4_K_S/M, Q5_K_S/M, Q6_K")
+            "IQ2_K..IQ6_K, IQ2_KS, IQ3_KS, IQ4_KS, IQ4_KSS, IQ5_KS, IQ2_KL, IQ3_KL, IQ1_KT..IQ4_KT, "
+            "Q4_0..Q8_0, IQ4_NL, Q4_K_S/M, Q5_K_S/M, Q6_K")
     ne0 = int(shape[0])
     t, reason, counter = _ftype_rules(name, ne0, ft.default_type, ft.name, model, opts, pos)
     custom = opts.custom_type(name)
@@ -443,6 +568,11 @@ def mix_type(name: str, shape: Sequence[int], ftype: FType | str, model: ModelFa
     t2, note = fallback_type(t, ne0)
     if note:
         reason = f"{reason}; {note}"
+    if t2 == "IQ3_S":
+        # the reference's IQ3_KT mix puts token_embd in IQ3_S, a type evalkit does not have
+        raise NotImplementedError(
+            f"tensor {name!r}: the reference's {ft.name} mix uses IQ3_S here ({reason}), a type evalkit "
+            "does not implement; choose its type with --token-embedding-type or --override")
     return Decision(t2, True, reason, counter)
 
 
