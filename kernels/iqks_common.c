@@ -1,0 +1,208 @@
+/* Shared pieces of the row-scaled IQK kernels (see iqks_common.h).
+ *
+ * The formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
+ * independent implementation written from evalkit's specification
+ * (shared/spec/iqk-formats.md, section 2.5).
+ */
+#include "iqks_common.h"
+
+/* Total order of floats as integers (-0 and +0 both map to 0). */
+static inline int64_t iqks_key(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (u & 0x80000000u) ? -(int64_t)(u & 0x7fffffffu) : (int64_t)u;
+}
+static inline float iqks_unkey(int64_t k) {
+    uint32_t u = k < 0 ? (uint32_t)(-k) | 0x80000000u : (uint32_t)k;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The nearest-value searches of spec 2.5 are monotone in t (the table
+ * procedure equals the plain float32 rule, which is monotone, except for one
+ * input where it answers the lower index, which keeps it monotone). So for
+ * each i there is a smallest float th[i] with NI(t) > i for all t >= th[i] and
+ * NI(t) <= i below it; it lies in (V[i], V[i+1]]. It is found with the
+ * reference procedure itself: it sits at or within a few ulps of the
+ * midpoint, so a short walk from there finds it (bisection over the float
+ * order is the fallback, should the walk ever get long). */
+void ek_iqks_ni_thresholds(int bits, const float *V, float *th) {
+    const int n = 1 << bits;
+    for (int i = 0; i + 1 < n; ++i) {
+        int64_t k = iqks_key(0.5f * (V[i] + V[i + 1])); /* exact: integer table values */
+        int steps = 0;
+        if (ek_iqk_ni(bits, V, iqks_unkey(k)) > i) {
+            while (steps < 64 && ek_iqk_ni(bits, V, iqks_unkey(k - 1)) > i) --k, ++steps;
+        } else {
+            while (steps < 64 && ek_iqk_ni(bits, V, iqks_unkey(k)) <= i) ++k, ++steps;
+        }
+        if (steps == 64) {
+            int64_t lo = iqks_key(V[i]), hi = iqks_key(V[i + 1]); /* NI(lo) <= i < NI(hi) */
+            while (hi - lo > 1) {
+                const int64_t mid = lo + (hi - lo) / 2;
+                if (ek_iqk_ni(bits, V, iqks_unkey(mid)) > i) hi = mid;
+                else lo = mid;
+            }
+            k = hi;
+        }
+        th[i] = iqks_unkey(k);
+    }
+}
+
+/* ---- block fit BF for 32-blocks (spec 2.8), candidates side by side ----
+ *
+ * BF evaluates 1 + 2(2*ntry + 1) candidate inverse scales (the initial one,
+ * then t = -ntry..ntry for the base and the shifted half). Their sums are
+ * independent of each other; only the acceptance (ACC) is sequential. On CPUs
+ * with AVX2 the sums of eight candidates are computed at once, one candidate
+ * per vector lane, each lane performing exactly the scalar operations of the
+ * spec in the same order (GNU C vectors, no contraction); the acceptance then
+ * runs in the spec's order. NI is evaluated by counting thresholds (see
+ * ek_iqks_ni_thresholds; BF keeps |t| <= 135, far from the 2^31 corner), and
+ * the table value is fetched with a lane permutation. Elsewhere the shared
+ * scalar BF of iqk_common.c is used; both give the same bits. */
+
+#define IQKS_CAND_MAX 32 /* ntry <= 7 */
+
+void ek_iqks_bf_init(ek_iqks_bf *bf, int bits, int ntry, int guard) {
+    const int n = 1 << bits;
+    bf->bits = bits;
+    bf->ntry = ntry;
+    bf->guard = guard;
+    bf->T0 = bits == 3 ? ek_iqk_v3f : bits == 4 ? ek_iqk_v4f : ek_iqk_v5f;
+    bf->T1 = bf->T0 + n;
+    bf->ncand = 1 + 2 * (2 * ntry + 1);
+    bf->nvec = (bf->ncand + 7) / 8;
+    bf->use_vec = 0;
+#if EK_IQKS_HAVE_X86
+    bf->use_vec = __builtin_cpu_supports("avx2");
+#endif
+    float th[2][31];
+    ek_iqks_ni_thresholds(bits, bf->T0, th[0]);
+    ek_iqks_ni_thresholds(bits, bf->T1, th[1]);
+    /* candidate c: 0 = initial (base half), c >= 1: t = -ntry + (c-1)/2, half (c-1)%2 */
+    for (int c = 0; c < 8 * bf->nvec; ++c) {
+        const int v = c / 8, l = c % 8;
+        const int used = c < bf->ncand;
+        const int h = c == 0 || !used ? 0 : (c - 1) & 1;
+        const int t = c == 0 || !used ? 0 : -ntry + (c - 1) / 2;
+        for (int i = 0; i + 1 < n; ++i) bf->lth[v][i][l] = th[h][i];
+        bf->lsh[v][l] = h ? bf->T1[0] - bf->T0[0] : 0.f;
+        /* numerator of id = (step*t + T[0]) / m; unused lanes get 0 (id = 0) */
+        bf->lnum[v][l] = used && c ? (float)t + (h ? bf->T1 : bf->T0)[0] : 0.f;
+    }
+    for (int k = 0; k < 32; ++k) bf->ltab[k] = k < n ? bf->T0[k] : 0.f;
+}
+
+#if EK_IQKS_HAVE_X86
+/* The 8-lane helpers below are static and always inlined into the AVX2
+ * function, so GCC's note about the vector ABI does not apply. */
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float iqks_v8f __attribute__((vector_size(32)));
+typedef int32_t iqks_v8i __attribute__((vector_size(32)));
+
+static inline __attribute__((always_inline)) iqks_v8f iqks_ld8(const float *p) {
+    iqks_v8f v;
+    memcpy(&v, p, sizeof v);
+    return v;
+}
+
+/* The sums S+, Q+, S-, Q- of every candidate (spec 2.8 EVAL), bits fixed. */
+static inline __attribute__((always_inline)) void
+iqks_bf_sums(const ek_iqks_bf *bf, int bits, const float *x, const float *w, float m, float id0, float *out) {
+    const int nt = (1 << bits) - 1;
+    const iqks_v8f T0 = iqks_ld8(bf->ltab), T1 = iqks_ld8(bf->ltab + 8);
+    const iqks_v8f T2 = iqks_ld8(bf->ltab + 16), T3 = iqks_ld8(bf->ltab + 24);
+    const iqks_v8f M = {m, m, m, m, m, m, m, m};
+    for (int v = 0; v < bf->nvec; ++v) {
+        iqks_v8f ID = iqks_ld8(bf->lnum[v]) / M;
+        if (v == 0) ID[0] = id0;
+        const iqks_v8f SH = iqks_ld8(bf->lsh[v]);
+        iqks_v8f sp = {0, 0, 0, 0, 0, 0, 0, 0}, qp = sp, sm = sp, qm = sp;
+        for (int j = 0; j < 32; ++j) {
+            const float xj = x[j], wj = w[j];
+            const iqks_v8f X = {xj, xj, xj, xj, xj, xj, xj, xj};
+            const iqks_v8f W = {wj, wj, wj, wj, wj, wj, wj, wj};
+            const iqks_v8f A = ID * X, B = -A;
+            iqks_v8i cp = {0, 0, 0, 0, 0, 0, 0, 0}, cm = cp;
+            for (int i = 0; i < nt; ++i) {
+                const iqks_v8f th = iqks_ld8(bf->lth[v][i]);
+                cp -= A >= th;
+                cm -= B >= th;
+            }
+            iqks_v8f a, b;
+            if (bits == 3) {
+                a = __builtin_shuffle(T0, cp);
+                b = __builtin_shuffle(T0, cm);
+            } else if (bits == 4) {
+                a = __builtin_shuffle(T0, T1, cp);
+                b = __builtin_shuffle(T0, T1, cm);
+            } else {
+                const iqks_v8i hp = (cp & 16) != 0, hm = (cm & 16) != 0;
+                const iqks_v8f alo = __builtin_shuffle(T0, T1, cp), ahi = __builtin_shuffle(T2, T3, cp);
+                const iqks_v8f blo = __builtin_shuffle(T0, T1, cm), bhi = __builtin_shuffle(T2, T3, cm);
+                a = (iqks_v8f)((hp & (iqks_v8i)ahi) | (~hp & (iqks_v8i)alo));
+                b = (iqks_v8f)((hm & (iqks_v8i)bhi) | (~hm & (iqks_v8i)blo));
+            }
+            a = a + SH; /* shifted half = base + constant, exactly */
+            b = b + SH;
+            const iqks_v8f wa = W * a, wb = W * b;
+            sp = sp + wa * X;
+            qp = qp + wa * a;
+            sm = sm + wb * X;
+            qm = qm + wb * b;
+        }
+        memcpy(out + 0 * IQKS_CAND_MAX + 8 * v, &sp, sizeof sp);
+        memcpy(out + 1 * IQKS_CAND_MAX + 8 * v, &qp, sizeof qp);
+        memcpy(out + 2 * IQKS_CAND_MAX + 8 * v, &sm, sizeof sm);
+        memcpy(out + 3 * IQKS_CAND_MAX + 8 * v, &qm, sizeof qm);
+    }
+}
+
+static __attribute__((target("avx2"))) void
+iqks_bf_sums_avx2(const ek_iqks_bf *bf, const float *x, const float *w, float m, float id0, float *out) {
+    switch (bf->bits) {
+    case 3: iqks_bf_sums(bf, 3, x, w, m, id0, out); break;
+    case 4: iqks_bf_sums(bf, 4, x, w, m, id0, out); break;
+    default: iqks_bf_sums(bf, 5, x, w, m, id0, out); break;
+    }
+}
+#endif
+
+int ek_iqks_bf_fit(const ek_iqks_bf *bf, const float *x, const float *w, float *dout, int *shout) {
+#if EK_IQKS_HAVE_X86
+    if (bf->use_vec) {
+        float m;
+        if (ek_iqk_amax(x, 32, &m) < 1e-16f) {
+            *dout = 0;
+            *shout = 0;
+            return EK_IQK_BF_EMPTY;
+        }
+        float d = -m / bf->T0[0];
+        float sums[4 * IQKS_CAND_MAX];
+        iqks_bf_sums_avx2(bf, x, w, m, 1 / d, sums);
+        const float *SP = sums, *QP = sums + IQKS_CAND_MAX, *SM = sums + 2 * IQKS_CAND_MAX,
+                    *QM = sums + 3 * IQKS_CAND_MAX;
+        float best = 0;
+        if (!bf->guard || QP[0] > 0) {
+            d = SP[0] / QP[0];
+            best = d * SP[0];
+        }
+        if (QM[0] > 0 && SM[0] * SM[0] > best * QM[0]) {
+            d = SM[0] / QM[0];
+            best = d * SM[0];
+        }
+        int shift = 0;
+        for (int c = 1; c < bf->ncand; ++c) {
+            const int h = (c - 1) & 1;
+            if (QP[c] > 0 && SP[c] * SP[c] > best * QP[c]) { d = SP[c] / QP[c]; best = d * SP[c]; shift = h; }
+            if (QM[c] > 0 && SM[c] * SM[c] > best * QM[c]) { d = SM[c] / QM[c]; best = d * SM[c]; shift = h; }
+        }
+        *dout = d;
+        *shout = shift;
+        return d == 0 ? EK_IQK_BF_ZERO : EK_IQK_BF_OK;
+    }
+#endif
+    return ek_iqk_block_fit(bf->bits, bf->T0, bf->T1, x, w, 32, bf->ntry, 1, bf->guard, 0, dout, shout);
+}
