@@ -181,7 +181,8 @@ def _load_model(path: Path, threads: int | None):
 
 def _logits(model, chunk: np.ndarray) -> np.ndarray:
     import torch
-    with torch.inference_mode():
+    # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
+    with torch.no_grad():
         out = model.forward(torch.from_numpy(chunk.astype(np.int64)))
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 

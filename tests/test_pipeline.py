@@ -261,3 +261,16 @@ def test_cli_run_then_check(tmp_path, corpus):
     bad = subprocess.run([sys.executable, "-m", "evalkit", "run", str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, cwd=REPO)
     assert bad.returncode == 2 and "cannot read config" in bad.stderr
+
+
+def test_reference_kt_mix_file_evaluates_against_tiny_base(tmp_path, corpus):
+    """A GGUF written by ik_llama.cpp with every KT type, IQ2_KL, IQ4_KSS, Q6_0, IQ4_NL runs through `evalkit run`."""
+    kt = GOLDEN / "gguf" / "tiny-kt-mix-imatrix.gguf"
+    iqk = GOLDEN / "gguf" / "tiny-iqk-mix.gguf"
+    res = json.loads((run(_cfg(tmp_path, corpus, chunks=2, variants=[
+        {"name": "kt", "gguf": str(kt)}, {"name": "iqk", "gguf": str(iqk)}]), progress=False)
+        / "results.json").read_text())
+    for name in ("kt", "iqk"):
+        st = res["variants"][name]
+        assert np.isfinite(st["kld_mean"][0]) and 0 < st["kld_mean"][0] < 0.1
+        assert st["bpw"] < res["base"]["bpw"]
