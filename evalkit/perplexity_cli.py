@@ -39,8 +39,8 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     first = ctx // 2
     t0 = time.perf_counter()
     for k in range(n_chunks):
-        z = _logits(model, chunk_arr[k])
-        nll = token_nll(z[first:ctx - 1], stream_chunks[k, targets_pos], chunk=k, first_row=first)
+        z = _logits(model, chunk_arr[k], first)  # positions first..C-1; only the second half is scored
+        nll = token_nll(z[:-1], stream_chunks[k, targets_pos], chunk=k, first_row=first)
         running.append(acc.add(nll))
         print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
     dt = time.perf_counter() - t0

@@ -179,11 +179,12 @@ def _load_model(path: Path, threads: int | None):
         raise RunError(f"{path}: {e}") from None
 
 
-def _logits(model, chunk: np.ndarray) -> np.ndarray:
+def _logits(model, chunk: np.ndarray, start: int = 0) -> np.ndarray:
+    """Float32 logits of chunk positions start..C-1 (C, V) -> (C - start, V)."""
     import torch
     # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
     with torch.no_grad():
-        out = model.forward(torch.from_numpy(chunk.astype(np.int64)))
+        out = model.forward(torch.from_numpy(chunk.astype(np.int64)), logits_start=start)
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
 
 
@@ -299,9 +300,9 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
                 base_seconds = 0.0
             else:
                 ts = time.perf_counter()
-                z = _logits(base_model, chunks[k])
+                z = _logits(base_model, chunks[k], first)   # positions first..C-1
                 base_seconds = time.perf_counter() - ts
-                rows = z[first:n_ctx - 1]
+                rows = z[:-1]                               # the scored rows first..C-2
                 if want_records:
                     np.save(partial / f"records_{k:05d}.npy", encode_records(rows))
                 base_lp = _log_softmax_f32(rows)
@@ -316,10 +317,10 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
                 arrays["base_nll"] = -base_lp[np.arange(len(targets)), targets].astype(np.float64)
             for i, v in enumerate(variants):
                 ts = time.perf_counter()
-                zq = _logits(v.model, chunks[k])
+                zq = _logits(v.model, chunks[k], first)
                 arrays[f"v{i}_seconds"] = np.float64(time.perf_counter() - ts)
                 try:
-                    st = kld_token_stats_f(base_lp, zq[first:n_ctx - 1], targets, k, first)
+                    st = kld_token_stats_f(base_lp, zq[:-1], targets, k, first)
                 except ValueError as e:
                     raise RunError(f"variant {v.name!r}: {e}") from None
                 for f_name, arr in st.__dict__.items():

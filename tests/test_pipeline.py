@@ -108,11 +108,11 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
     real = pl._logits
     calls = {"n": 0}
 
-    def dying(model, chunk):
+    def dying(model, chunk, start=0):
         calls["n"] += 1
         if calls["n"] == 7:  # chunk 2's base pass: chunks 0 and 1 are finished
             raise KeyboardInterrupt("killed")
-        return real(model, chunk)
+        return real(model, chunk, start)
 
     monkeypatch.setattr(pl, "_logits", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -123,9 +123,9 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
     monkeypatch.setattr(pl, "_logits", real)
     counted = {"n": 0}
 
-    def counting(model, chunk):
+    def counting(model, chunk, start=0):
         counted["n"] += 1
-        return real(model, chunk)
+        return real(model, chunk, start)
 
     monkeypatch.setattr(pl, "_logits", counting)
     run(cfg, progress=False)
@@ -215,11 +215,11 @@ def test_nan_logits_name_chunk_and_position(tmp_path, corpus, monkeypatch):
     real = pl._logits
     calls = {"n": 0}
 
-    def poisoned(model, chunk):
-        z = real(model, chunk)
+    def poisoned(model, chunk, start=0):
+        z = real(model, chunk, start)   # rows are chunk positions start..C-1
         calls["n"] += 1
         if calls["n"] == 5:  # chunk 1, first variant
-            z[40, 7] = np.nan
+            z[40 - start, 7] = np.nan
         return z
 
     monkeypatch.setattr(pl, "_logits", poisoned)

@@ -1,0 +1,382 @@
+"""The float32 reference forward pass of a llama-family decoder, straight from GGUF bytes.
+
+Read it top to bottom: RMSNorm, rotary embedding, one transformer block, the model.
+Module and attribute names mirror the GGUF tensor names (``token_embd``,
+``blk[i].attn_q``, ``output_norm``, ``output`` ...). Every linear layer is a
+:class:`~evalkit.model.qlinear.QLinear` that multiplies through the packed quantized
+bytes, so activations and arithmetic are exact float32 and the only error left is the
+weights' own.
+
+Shapes: B sequences, T tokens, E = n_embd, H / Hkv query / key-value heads, D = head_dim,
+F = n_ff, V = n_vocab.
+"""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from evalkit.model.config import ModelConfig
+from evalkit.model.qlinear import QEmbedding, QLinear, packed_tensor
+
+__all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "ModelTensorError"]
+
+
+class ModelTensorError(ValueError):
+    """A tensor the architecture needs is missing, misshapen, or of an unusable type."""
+
+
+# --------------------------------------------------------------------------- pieces
+
+class RMSNorm(nn.Module):
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dimension."""
+
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.eps = float(eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise x (..., n) over its last dimension."""
+        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))
+        return (x * r).mul_(self.weight)
+
+
+class Rope(nn.Module):
+    """Rotary position embedding of the first ``n_rot`` dims of every head.
+
+    Pair i (i < n_rot/2) is rotated by angle  pos * freq_scale * base^(-2i/n_rot) / factor_i:
+    (a, b) -> (a cos - b sin, a sin + b cos).
+    ``neox=False`` pairs adjacent dims (2i, 2i+1) (GGML mode 0, llama in GGUF);
+    ``neox=True`` pairs (i, i + n_rot/2) (qwen, and every HF checkpoint).
+    Angles are computed in float64 and their cos/sin rounded once to float32.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_rot, self.neox = cfg.n_rot, cfg.rope_neox
+        i = torch.arange(0, cfg.n_rot, 2, dtype=torch.float64)
+        inv_freq = cfg.rope_freq_scale * cfg.rope_base ** (-i / cfg.n_rot)           # (n_rot/2,)
+        if cfg.rope_freq_factors is not None:
+            inv_freq = inv_freq / torch.tensor(cfg.rope_freq_factors, dtype=torch.float64)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._cache: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def tables(self, T: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """cos, sin (T, 1, n_rot/2) float32 and cos + i sin (complex64) for positions 0..T-1."""
+        if T not in self._cache:
+            ang = torch.outer(torch.arange(T, dtype=torch.float64), self.inv_freq)      # (T, n_rot/2)
+            cos, sin = ang.cos().float().unsqueeze(1), ang.sin().float().unsqueeze(1)
+            self._cache = {T: (cos, sin, torch.complex(cos, sin))}                       # keep one length
+        return self._cache[T]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotate x (B, T, heads, D) by position (0..T-1); returns a new tensor."""
+        B, T, h, D = x.shape
+        n = self.n_rot
+        cos, sin, cis = self.tables(T)
+        if not self.neox and n == D:
+            # adjacent pairs are complex numbers a + ib; one complex multiply rotates them
+            # ((a cos - b sin) + i(a sin + b cos), each product rounded once, no FMA).
+            xc = torch.view_as_complex(x.reshape(B, T, h, D // 2, 2))
+            return torch.view_as_real(xc * cis).reshape(B, T, h, D)
+        out = x.clone() if n < D else torch.empty_like(x)
+        if self.neox:
+            x0, x1 = x[..., :n // 2], x[..., n // 2:n]                     # (B, T, h, n/2) each
+            o0, o1 = out[..., :n // 2], out[..., n // 2:n]
+        else:
+            x0, x1 = x[..., :n].unflatten(-1, (-1, 2)).unbind(-1)          # even, odd dims
+            o0, o1 = out[..., :n].unflatten(-1, (-1, 2)).unbind(-1)
+        torch.mul(x0, cos, out=o0) if o0.is_contiguous() else o0.copy_(x0 * cos)
+        o0.sub_(x1 * sin)
+        torch.mul(x1, cos, out=o1) if o1.is_contiguous() else o1.copy_(x1 * cos)
+        o1.add_(x0 * sin)
+        return out
+
+
+class CausalAttention:
+    """Causal grouped-query attention, softmax(q kᵀ / sqrt(D) + causal mask) v, in float32.
+
+    Query heads are grouped under their key/value head (head j uses kv head j // G) and
+    folded into the rows of one matrix product per kv head. Queries go in blocks of
+    ``block`` positions, so each product stops at the block's last key (skipping the
+    masked upper triangle) and only the diagonal sub-block needs masking. Same maths as
+    torch's scaled_dot_product_attention, about 20 % faster on CPU at T = 512.
+    """
+
+    block = 64
+
+    def __init__(self):
+        # (block, 1, block) "key after query" mask for the diagonal sub-block
+        self._future = torch.ones(self.block, self.block, dtype=torch.bool).triu(1).unsqueeze(1)
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T, H, D)."""
+        B, T, H, D = q.shape
+        Hkv = k.shape[2]
+        G = H // Hkv
+        # rows (t, g) per kv head; the 1/sqrt(D) scale goes on q once
+        qg = q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, T * G, D).mul_(D ** -0.5)
+        kh = k.permute(0, 2, 1, 3).reshape(B * Hkv, T, D)                               # (B·Hkv, T, D)
+        vh = v.permute(0, 2, 1, 3).reshape(B * Hkv, T, D)
+        out = torch.empty(B, T, Hkv, G, D)
+        for s in range(0, T, self.block):
+            e = min(T, s + self.block)
+            n = e - s
+            scores = torch.bmm(qg[:, s * G:e * G], kh[:, :e].transpose(1, 2))          # (B·Hkv, n·G, e)
+            scores.view(B * Hkv, n, G, e)[..., s:e].masked_fill_(self._future[:n, :, :n], float("-inf"))
+            o = torch.bmm(torch.softmax(scores, dim=-1), vh[:, :e])                    # (B·Hkv, n·G, D)
+            out[:, s:e] = o.view(B, Hkv, n, G, D).permute(0, 2, 1, 3, 4)
+        return out.view(B, T, H, D)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer block: causal GQA self-attention, then a SwiGLU MLP."""
+
+    def __init__(self, cfg: ModelConfig, t: dict):
+        super().__init__()
+        self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        self.attn_norm = RMSNorm(t["attn_norm.weight"], cfg.rms_eps)
+        self.attn_q = t["attn_q"]
+        self.attn_k = t["attn_k"]
+        self.attn_v = t["attn_v"]
+        self.attn_q_norm = RMSNorm(t["attn_q_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
+        self.attn_k_norm = RMSNorm(t["attn_k_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
+        self.attn_output = t["attn_output"]
+        self.ffn_norm = RMSNorm(t["ffn_norm.weight"], cfg.rms_eps)
+        self.ffn_gate = t["ffn_gate"]
+        self.ffn_up = t["ffn_up"]
+        self.ffn_down = t["ffn_down"]
+        self.attention = CausalAttention()
+
+    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x (B, T, E) -> x + attention + feed-forward, (B, T, E)."""
+        B, T, _ = x.shape                                                 # x: (B, T, E)
+        H, Hkv, D = self.n_head, self.n_head_kv, self.head_dim
+
+        # --- attention
+        h = self.attn_norm(x)                                             # (B, T, E)
+        q = self.attn_q(h).view(B, T, H, D)                               # (B, T, H, D)
+        k = self.attn_k(h).view(B, T, Hkv, D)                             # (B, T, Hkv, D)
+        v = self.attn_v(h).view(B, T, Hkv, D)                             # (B, T, Hkv, D)
+        if self.attn_q_norm is not None:                                  # qwen3: per-head RMS norm
+            q, k = self.attn_q_norm(q), self.attn_k_norm(k)
+        q, k = rope(q), rope(k)
+        y = self.attention(q, k, v)                                       # (B, T, H, D)
+        x = x + self.attn_output(y.view(B, T, H * D))                     # (B, T, E)
+
+        # --- feed-forward
+        h = self.ffn_norm(x)                                              # (B, T, E)
+        g = self.ffn_gate(h)                                              # (B, T, F)
+        u = self.ffn_up(h)                                                # (B, T, F)
+        return x + self.ffn_down(F.silu(g).mul_(u))                       # (B, T, E)
+
+
+# --------------------------------------------------------------------------- the model
+
+class Model(nn.Module):
+    """token_embd -> n_layer x Block -> output_norm -> output, all float32.
+
+    Build with :meth:`from_gguf` or :meth:`from_hf`; call ``model(tokens)``.
+    """
+
+    def __init__(self, cfg: ModelConfig, tensors: dict, source=None, threads: int | None = None):
+        super().__init__()
+        self.config = cfg
+        self.source = source          # keeps the GGUF memory map alive while weights point into it
+        self.threads = threads
+        self.token_embd = tensors["token_embd"]
+        self.rope = Rope(cfg)
+        self.blk = nn.ModuleList(
+            Block(cfg, {k[len(f"blk.{i}."):]: v for k, v in tensors.items() if k.startswith(f"blk.{i}.")})
+            for i in range(cfg.n_layer))
+        self.output_norm = RMSNorm(tensors["output_norm.weight"], cfg.rms_eps)
+        self.output = tensors["output"]
+
+    @torch.inference_mode()
+    def forward(self, tokens, logits_start: int = 0) -> torch.Tensor:
+        """Logits for one sequence (T,) -> (T, V), or a batch of sequences (B, T) -> (B, T, V).
+
+        Every sequence starts at position 0 with an empty cache. ``logits_start`` skips the
+        output projection of positions before it (perplexity scores only the second half
+        of a chunk); the result then has T - logits_start rows per sequence.
+        """
+        if self.threads is not None and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
+        tokens = torch.as_tensor(tokens)
+        single = tokens.dim() == 1
+        if single:
+            tokens = tokens.unsqueeze(0)
+        if tokens.dim() != 2 or tokens.shape[1] == 0:
+            raise ValueError(f"tokens must have shape (T,) or (B, T) with T > 0, got {tuple(tokens.shape)}")
+        if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
+            raise TypeError(f"tokens must be integers, got {tokens.dtype}")
+        if not 0 <= logits_start < tokens.shape[1]:
+            raise ValueError(f"logits_start {logits_start} outside [0, {tokens.shape[1]})")
+
+        x = self.token_embd(tokens.long())                                # (B, T, E)
+        for blk in self.blk:
+            x = blk(x, self.rope)                                         # (B, T, E)
+        x = self.output_norm(x[:, logits_start:])                         # (B, T', E)
+        logits = self.output(x)                                           # (B, T', V)
+        return logits[0] if single else logits
+
+    # ----------------------------------------------------------------- loading
+    @classmethod
+    def from_gguf(cls, path_or_gguf, threads: int | None = None) -> "Model":
+        """Build from a GGUF file (path or open :class:`~evalkit.gguf.GGUFFile`), weights zero-copy.
+
+        ``threads`` (optional) sets torch's and the dequantizers' thread count for forward().
+        """
+        from evalkit.gguf import GGUFFile
+        g = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
+        cfg = ModelConfig.from_gguf(g)
+        _check_shapes(cfg, {n: tuple(t.shape) for n, t in g.tensors.items()}, g.path)
+
+        tensors = {}
+        for name in cfg.tensor_shapes():
+            info = g.tensors[name]
+            try:
+                if name.endswith("norm.weight") or name.endswith(".bias"):
+                    tensors[name] = torch.from_numpy(g.dequantize(name).reshape(-1).copy())
+                elif name == "token_embd.weight":
+                    # get_rows: the reference's to_float dequantizer
+                    tensors["token_embd"] = QEmbedding(g.tensor_bytes(name), info.type_name, info.n_per_row)
+                else:
+                    tensors[name[:-len(".weight")]] = QLinear(g.tensor_bytes(name), info.type_name,
+                                                              info.n_per_row)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{g.path}: tensor {name!r} ({info.type_name}): {e}") from None
+        _attach_biases(tensors)
+        if cfg.tied_embeddings:
+            # The reference multiplies by token_embd in its matmul: use the matmul dequantizer.
+            t = g.tensors["token_embd.weight"]
+            tensors["output"] = QLinear(g.tensor_bytes("token_embd.weight"), t.type_name, t.n_per_row)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        return cls(cfg, tensors, source=g, threads=threads)
+
+    @classmethod
+    def from_hf(cls, model_dir, threads: int | None = None) -> "Model":
+        """Build from a Hugging Face checkpoint directory (config.json + *.safetensors).
+
+        F32/F16/BF16 tensors are used in their stored precision (memory-mapped, widened to
+        float32 tile by tile). HF Q/K rows are not permuted, so rope uses NEOX pairing.
+        """
+        cfg = ModelConfig.from_hf(model_dir)
+        raw = _read_safetensors(Path(model_dir))                        # HF name -> (dtype, shape, bytes)
+        mapped: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
+        for hf_name, rec in raw.items():
+            name = _hf_to_gguf_name(hf_name)
+            if name is not None:
+                mapped[name] = rec
+        if cfg.tied_embeddings:
+            mapped.pop("output.weight", None)
+        _check_shapes(cfg, {n: tuple(reversed(r[1])) for n, r in mapped.items()}, str(model_dir))
+
+        tensors = {}
+        for name in cfg.tensor_shapes():
+            dtype, shape, buf = mapped[name]
+            if name.endswith("norm.weight") or name.endswith(".bias"):
+                tensors[name] = _hf_float_vector(dtype, buf)
+            elif name == "token_embd.weight":
+                tensors["token_embd"] = QEmbedding(buf.reshape(shape[0], -1), dtype, shape[-1])
+            else:
+                tensors[name[:-len(".weight")]] = QLinear(buf.reshape(shape[0], -1), dtype, shape[-1])
+        _attach_biases(tensors)
+        if cfg.tied_embeddings:
+            tensors["output"] = QLinear(tensors["token_embd"].weight, tensors["token_embd"].type_name,
+                                        cfg.n_embd)
+        if threads is not None:
+            torch.set_num_threads(int(threads))
+        return cls(cfg, tensors, source=raw, threads=threads)
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _check_shapes(cfg: ModelConfig, have: dict[str, tuple[int, ...]], src: str) -> None:
+    """Every tensor the config implies must exist with its exact shape (ggml order)."""
+    for name, want in cfg.tensor_shapes().items():
+        got = have.get(name)
+        if got is None:
+            raise ModelTensorError(f"{src}: tensor {name!r} is missing (expected shape {want}, ggml order "
+                                   f"ne0 first)")
+        # a 1-D tensor may be stored with trailing unit dimensions
+        if tuple(got) != want and not (len(want) == 1 and tuple(got[:1]) == want and all(d == 1 for d in got[1:])):
+            raise ModelTensorError(f"{src}: tensor {name!r} has shape {tuple(got)}, expected {want} "
+                                   f"(ggml order, ne0 first)")
+
+
+def _attach_biases(tensors: dict) -> None:
+    for name in [n for n in tensors if n.endswith(".bias")]:
+        lin = tensors.get(name[:-len(".bias")])
+        if isinstance(lin, QLinear):
+            lin.bias = tensors.pop(name)
+
+
+_HF_LAYER = {
+    "input_layernorm.weight": "attn_norm.weight",
+    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
+    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
+    "self_attn.o_proj.weight": "attn_output.weight",
+    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+_HF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+
+
+def _hf_to_gguf_name(name: str) -> str | None:
+    """GGUF name of an HF llama/qwen tensor, or None for tensors the forward does not use."""
+    if name in _HF_TOP:
+        return _HF_TOP[name]
+    parts = name.split(".", 3)
+    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
+        sub = _HF_LAYER.get(parts[3])
+        return None if sub is None else f"blk.{parts[2]}.{sub}"
+    return None
+
+
+_ST_DTYPES = {"F32": ("F32", 4), "F16": ("F16", 2), "BF16": ("BF16", 2)}
+
+
+def _read_safetensors(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
+    """Memory-map every *.safetensors file: HF name -> (ggml type name, torch shape, uint8 bytes)."""
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
+    out = {}
+    for f in files:
+        with open(f, "rb") as fh:
+            (hlen,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(hlen))
+        mm = np.memmap(f, dtype=np.uint8, mode="r")
+        base = 8 + hlen
+        for name, meta in header.items():
+            if name == "__metadata__":
+                continue
+            if _hf_to_gguf_name(name) is None:
+                continue
+            dt = _ST_DTYPES.get(meta["dtype"])
+            if dt is None:
+                raise ModelTensorError(f"{f}: tensor {name!r} has dtype {meta['dtype']}; "
+                                       "supported: F32, F16, BF16")
+            a, b = meta["data_offsets"]
+            shape = tuple(int(s) for s in meta["shape"])
+            out[name] = (dt[0], shape, mm[base + a:base + b])
+    return out
+
+
+def _hf_float_vector(type_name: str, buf: np.ndarray) -> torch.Tensor:
+    t = packed_tensor(np.ascontiguousarray(buf))
+    if type_name == "F32":
+        return t.view(torch.float32).clone()
+    return t.view(torch.float16 if type_name == "F16" else torch.bfloat16).float()
