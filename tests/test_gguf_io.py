@@ -158,3 +158,23 @@ def test_bad_imatrix_files(tmp_path, blob, message):
     p.write_bytes(blob)
     with pytest.raises(ImatrixError, match=message):
         load_imatrix(p)
+
+
+@pytest.mark.parametrize("name", GOLDEN_FILES)
+def test_every_tensor_of_the_golden_files_dequantizes(name):
+    """Every tensor (all 21, of every type in the three files) decodes to finite float32 of its shape."""
+    f = GGUFFile(GG / name)
+    for t in f.tensors.values():
+        assert t.format.can_dequantize, f"{name}: {t.name} is {t.type_name}, which has no dequantizer"
+        w = f.dequantize(t.name)
+        assert w.shape == tuple(reversed(t.shape)) and w.dtype == np.float32
+        assert np.isfinite(w).all(), f"{name}: {t.name} decodes to non-finite values"
+        if t.type_name == "F32":
+            np.testing.assert_array_equal(w.reshape(-1), np.frombuffer(f.tensor_bytes(t.name), "<f4"))
+    # the quantized mixes approximate the base they were made from
+    if name != "tiny-base.gguf":
+        base = GGUFFile(GG / "tiny-base.gguf")
+        for t in f.tensors.values():
+            ref = base.dequantize(t.name)
+            rel = np.sqrt(np.mean((f.dequantize(t.name) - ref) ** 2) / np.mean(ref ** 2))
+            assert rel < 0.6, f"{name}: {t.name} ({t.type_name}) relative error {rel:.3f}"
