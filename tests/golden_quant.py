@@ -55,3 +55,32 @@ def describe_byte_mismatch(got: np.ndarray, want: np.ndarray, header: int, block
         mark = "  <--" if gv != wv else ""
         lines.append(f"  {i:4d}  {gv:02x}   {wv:02x}{mark}")
     return "\n".join(lines)
+
+
+def assert_quantize_matches(type_name: str, case: str) -> None:
+    """Quantize the case's inputs (with its imatrix, one thread) and compare with the golden bytes."""
+    import evalkit
+    from evalkit.formats import get_format
+
+    fmt = get_format(type_name)
+    assert manifest()["types"][type_name]["ggml_type"] == fmt.type_id
+    x, im = case_inputs(case)
+    want = golden(type_name)[f"{case}.q"]
+    got = evalkit.quantize(x, type_name, imatrix=im, threads=1)
+    assert got.shape == want.shape
+    msg = describe_byte_mismatch(got, want, fmt.header_bytes, fmt.type_size)
+    assert not msg, f"{type_name} {case}:\n{msg}"
+
+
+def assert_dequantize_matches(type_name: str, case: str) -> None:
+    """Dequantize the golden bytes and compare bit for bit with the golden floats."""
+    import evalkit
+
+    g = golden(type_name)
+    q, want = g[f"{case}.q"], g[f"{case}.deq"]
+    got = evalkit.dequantize(q, type_name, want.shape[1], threads=1)
+    same = got.view(np.uint32) == want.view(np.uint32)
+    if not same.all():
+        r, c = np.argwhere(~same)[0]
+        raise AssertionError(f"{type_name} {case}: {int((~same).sum())} values differ; first at row {r}, "
+                             f"column {c}: got {got[r, c]!r}, want {want[r, c]!r}")

@@ -8,7 +8,7 @@ import pytest
 
 import evalkit
 from evalkit.formats import get_format
-from golden_quant import case_inputs, describe_byte_mismatch, golden, manifest
+from golden_quant import assert_dequantize_matches, assert_quantize_matches, case_inputs, manifest
 
 TYPES = ["IQ2_KS", "IQ3_KS", "IQ4_KS", "IQ4_KSS", "IQ5_KS", "IQ2_KL"]
 CASES = manifest()["cases"]
@@ -17,27 +17,13 @@ CASES = manifest()["cases"]
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("type_name", TYPES)
 def test_quantize_matches_golden(type_name, case):
-    fmt = get_format(type_name)
-    assert manifest()["types"][type_name]["ggml_type"] == fmt.type_id
-    x, im = case_inputs(case)
-    want = golden(type_name)[f"{case}.q"]
-    got = evalkit.quantize(x, type_name, imatrix=im, threads=1)
-    assert got.shape == want.shape
-    msg = describe_byte_mismatch(got, want, fmt.header_bytes, fmt.type_size)
-    assert not msg, f"{type_name} {case}:\n{msg}"
+    assert_quantize_matches(type_name, case)
 
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("type_name", TYPES)
 def test_dequantize_matches_golden(type_name, case):
-    g = golden(type_name)
-    q, want = g[f"{case}.q"], g[f"{case}.deq"]
-    got = evalkit.dequantize(q, type_name, want.shape[1], threads=1)
-    same = got.view(np.uint32) == want.view(np.uint32)
-    if not same.all():
-        r, c = np.argwhere(~same)[0]
-        pytest.fail(f"{type_name} {case}: {int((~same).sum())} values differ; first at row {r}, "
-                    f"column {c}: got {got[r, c]!r}, want {want[r, c]!r}")
+    assert_dequantize_matches(type_name, case)
 
 
 def _rel_rmse(x, y):

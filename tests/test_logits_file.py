@@ -14,7 +14,6 @@ from evalkit.metrics import (
     LogitsFileWriter,
     PerplexityAccumulator,
     check_logits_file,
-    decode_records,
     encode_records,
     file_size,
     record_units,

@@ -1,10 +1,8 @@
 """notebooks/analysis.ipynb executes headless against a small run, so it cannot rot."""
 from __future__ import annotations
 
-import os
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from conftest import GOLDEN, REPO, SHARED
