@@ -46,8 +46,8 @@ def main() -> None:
     names = [t.strip().upper() for t in args.types.split(",") if t.strip()] or [
         f.name for f in FORMATS.values() if f.family != "float" and f.can_quantize]
     print(f"matrix {args.rows}x{args.cols}; baseline np.round: {base:.0f} M elements/s (same run)\n")
-    print(f"| type | q 1t | q 2t | ref q 1t | q1t/ref | dq 1t | dq 2t | q1t/np.round |")
-    print(f"|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| type | q 1t | q 2t | ref q 1t | q1t/ref | dq 1t | dq 2t | q1t/np.round |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rows = []
     for name in names:
         fmt = FORMATS[name]

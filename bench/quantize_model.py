@@ -84,7 +84,7 @@ def main() -> None:
                            "--threads", "2", "--no-progress"])
         print(f"(made the F32 base: {dt:.2f} s, {rss:.0f} MiB peak)\n")
         sources = {"q4_1": q41, "f32": f32}
-        dt, rss = measure([py, "-c", "import evalkit, evalkit.quantize, evalkit.gguf"])
+        dt, rss = measure([py, "-c", "import evalkit, evalkit.recipes, evalkit.gguf"])
         print(f"baseline: python + import evalkit: {dt:.2f} s, {rss:.0f} MiB peak RSS")
         rows.append({"what": "import evalkit", "wall_s": dt, "rss_mib": rss})
         out = tmp / "cli.gguf"
