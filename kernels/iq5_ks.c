@@ -23,29 +23,9 @@ void ek_quantize_row_iq5_ks(const float *x, uint8_t *y, int64_t n, const float *
     float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
     if (!scales) return; /* no memory: an all-zero row decodes to zeros */
 
-    ek_iqks_bf bf; /* BF set-up: V5, ntry 5, no guard */
-    ek_iqks_bf_init(&bf, 5, 5, 0);
+    /* pass 1: block scales and shift bits (V5, ntry 5, no guard) */
+    const float amax_s = ek_iqks_fit_block_scales(x, qw, n, blocks, IQ5KS_BYTES, 5, 5, scales);
     float qbuf[QK_K], w[32];
-    float amax_s = 0;
-    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
-        const float *xbl = x + QK_K * ibl;
-        uint8_t *blk = blocks + IQ5KS_BYTES * ibl;
-        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
-        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
-        for (int ib = 0; ib < 8; ++ib) {
-            const float *xb = xbl + 32 * ib;
-            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
-            float d;
-            int shift;
-            const int r = ek_iqks_bf_fit(&bf, xb, w, &d, &shift);
-            float *s = scales + 8 * ibl + ib;
-            if (r == EK_IQK_BF_EMPTY) { *s = 0; continue; }
-            if (shift) blk[ib] = 1;
-            *s = d;
-            const float ad = fabsf(d);
-            if (ad > amax_s) amax_s = ad;
-        }
-    }
     const float D = amax_s / 127;
     ek_wrf32(y, D);
     if (D == 0) goto done;

@@ -206,3 +206,32 @@ int ek_iqks_bf_fit(const ek_iqks_bf *bf, const float *x, const float *w, float *
 #endif
     return ek_iqk_block_fit(bf->bits, bf->T0, bf->T1, x, w, 32, bf->ntry, 1, bf->guard, 0, dout, shout);
 }
+
+float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
+                               int bits, int ntry, float *scales) {
+    const int64_t nbl = n / QK_K;
+    ek_iqks_bf bf;
+    ek_iqks_bf_init(&bf, bits, ntry, 0);
+    float qbuf[QK_K], w[32];
+    float amax_s = 0;
+    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *blk = blocks + block_bytes * ibl;
+        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
+        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
+        for (int ib = 0; ib < 8; ++ib) {
+            const float *xb = xbl + 32 * ib;
+            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
+            float d;
+            int shift;
+            const int r = ek_iqks_bf_fit(&bf, xb, w, &d, &shift);
+            float *s = scales + 8 * ibl + ib;
+            if (r == EK_IQK_BF_EMPTY) { *s = 0; continue; }
+            if (shift) blk[ib] = 1;
+            *s = d;
+            const float ad = fabsf(d);
+            if (ad > amax_s) amax_s = ad;
+        }
+    }
+    return amax_s;
+}

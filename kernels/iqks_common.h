@@ -83,4 +83,11 @@ typedef struct {
 void ek_iqks_bf_init(ek_iqks_bf *bf, int bits, int ntry, int guard);
 int ek_iqks_bf_fit(const ek_iqks_bf *bf, const float *x, const float *w, float *d, int *shift);
 
+/* First pass of IQ4_KS and IQ5_KS (spec 10 step 1 / 11): block fit of every 32-block of the
+ * row with the V<bits> tables, no guard; sets the shift bit (bit 0 of each block's scale byte
+ * at blocks + block_bytes*ibl + ib), stores the signed block scales (0 for empty blocks) and
+ * returns max |scale|. */
+float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
+                               int bits, int ntry, float *scales);
+
 #endif
