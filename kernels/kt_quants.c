@@ -245,11 +245,7 @@ void ek_quantize_row_iq1_kt(const float *x, uint8_t *y, int64_t n, const float *
             const float *xb = x + KT_BLOCK * b;
             const float *w = s.w + KT_BLOCK * b;
             int *idx = s.idx + 4 * b;
-            float amax = 0;
-            for (int j = 0; j < KT_BLOCK; ++j) {
-                const float a = fabsf(xb[j]);
-                amax = amax > a ? amax : a;
-            }
+            const float amax = kt_row_amax(xb, KT_BLOCK);
             if (amax < 1e-16f) {
                 s.scales[b] = 0;
                 for (int ig = 0; ig < 4; ++ig) idx[ig] = 0;
@@ -368,11 +364,7 @@ void ek_quantize_row_iq2_kt(const float *x, uint8_t *y, int64_t n, const float *
             const float *xb = x + KT_BLOCK * b;
             const float *w = s.w + KT_BLOCK * b;
             int *idx = s.idx + 4 * b;
-            float amax = 0;
-            for (int j = 0; j < KT_BLOCK; ++j) {
-                const float a = fabsf(xb[j]);
-                amax = amax > a ? amax : a;
-            }
+            const float amax = kt_row_amax(xb, KT_BLOCK);
             if (amax < 1e-16f) {
                 s.scales[b] = 0;
                 for (int ig = 0; ig < 4; ++ig) idx[ig] = 0;
@@ -615,11 +607,7 @@ void ek_quantize_row_iq4_kt(const float *x, uint8_t *y, int64_t n, const float *
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
             const float *w = s.w + KT_BLOCK * b;
-            float amax = 0;
-            for (int j = 0; j < KT_BLOCK; ++j) {
-                const float a = fabsf(xb[j]);
-                amax = amax > a ? amax : a;
-            }
+            const float amax = kt_row_amax(xb, KT_BLOCK);
             if (amax < 1e-16f) {
                 s.scales[b] = 0;
                 continue;
