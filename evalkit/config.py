@@ -69,6 +69,7 @@ class RunConfig:
     ctx: int = 512
     chunks: int | None = None        # None: every chunk the corpus holds
     threads: int | None = None
+    batch: int = 2048                # tokens per forward call, as llama-perplexity's -b: batch // ctx chunks
     output_dir: str = "results"
     base_logits: str | None = None   # score against a llama-perplexity base-logits file
     write_base_logits: str | None = None  # write our base pass as such a file
@@ -187,12 +188,14 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
         raise ConfigError(f"{source}: 'name' (the run's name) is required")
     if "corpus" in d:
         d["corpus"] = _corpus(d["corpus"], source)
-    for k in ("ctx", "chunks", "threads"):
+    for k in ("ctx", "chunks", "threads", "batch"):
         _expect(d.get(k), int, source, k)
     for k in ("base", "output_dir", "base_logits", "write_base_logits"):
         _expect(d.get(k), str, source, k)
     if d.get("ctx", 512) < 8:
         raise ConfigError(f"{source}: 'ctx' must be at least 8, got {d['ctx']}")
+    if d.get("batch", 1) < 1:
+        raise ConfigError(f"{source}: 'batch' must be positive, got {d['batch']}")
     if d.get("chunks") is not None and d["chunks"] < 1:
         raise ConfigError(f"{source}: 'chunks' must be positive, got {d['chunks']}")
     raw_variants = d.get("variants") or []

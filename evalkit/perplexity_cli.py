@@ -8,15 +8,19 @@ import time
 
 
 def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None = None,
-               threads: int | None = None, progress: bool = True, out=sys.stdout) -> dict:
-    """Evaluate a model's perplexity the way llama-perplexity does; returns the JSON-able result."""
+               threads: int | None = None, progress: bool = True, out=sys.stdout, batch: int = 2048) -> dict:
+    """Evaluate a model's perplexity the way llama-perplexity does; returns the JSON-able result.
+
+    ``batch`` tokens go through the model per call (``batch // ctx`` chunks, at least one),
+    as llama-perplexity's ``-b``.
+    """
     import torch
 
     from evalkit.config import CorpusSpec
     from evalkit.corpus import load_corpus_text
     from evalkit.metrics import PerplexityAccumulator, chunk_tokens, token_nll
     from evalkit.models import resolve_model
-    from evalkit.pipeline import _load_model, _logits, _tokenizer_for, sha256_file
+    from evalkit.pipeline import _load_model, _logits, _tokenizer_for, batched, chunks_per_batch, sha256_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -38,11 +42,12 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     running = []
     first = ctx // 2
     t0 = time.perf_counter()
-    for k in range(n_chunks):
-        z = _logits(model, chunk_arr[k], first)  # positions first..C-1; only the second half is scored
-        nll = token_nll(z[:-1], stream_chunks[k, targets_pos], chunk=k, first_row=first)
-        running.append(acc.add(nll))
-        print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
+    for group in batched(list(range(n_chunks)), chunks_per_batch(batch, ctx)):
+        z = _logits(model, chunk_arr[group], first)  # (B, C - first, V): only the second half is scored
+        for j, k in enumerate(group):
+            nll = token_nll(z[j, :-1], stream_chunks[k, targets_pos], chunk=k, first_row=first)
+            running.append(acc.add(nll))
+            print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
     dt = time.perf_counter() - t0
     ppl, err = acc.final()
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}", file=out, flush=True)
@@ -50,13 +55,15 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
             "corpus_sha256": corpus_sha, "n_ctx": ctx, "n_chunks": n_chunks, "ppl": [ppl, err],
             "running_ppl": running, "n_tokens": int(acc.count),
             "tokens_per_s": n_chunks * ctx / dt if dt > 0 else None,
-            "threads": threads or torch.get_num_threads()}
+            "threads": threads or torch.get_num_threads(), "batch": batch}
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from evalkit.gguf.writer import atomic_output
     try:
-        res = perplexity(args.model, args.corpus, args.ctx, args.chunks, args.threads)
+        if args.batch < 1:
+            raise ValueError(f"--batch must be positive, got {args.batch}")
+        res = perplexity(args.model, args.corpus, args.ctx, args.chunks, args.threads, batch=args.batch)
     except (ValueError, FileNotFoundError) as e:
         print(f"evalkit perplexity: error: {e}", file=sys.stderr)
         return 2
@@ -74,5 +81,7 @@ def register(sub) -> None:
     p.add_argument("--ctx", type=int, default=512)
     p.add_argument("--chunks", type=int, default=None)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--batch", type=int, default=2048,
+                   help="tokens per forward call, as llama-perplexity's -b (default 2048: 4 chunks of 512)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=_cmd)

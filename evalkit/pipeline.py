@@ -179,13 +179,24 @@ def _load_model(path: Path, threads: int | None):
         raise RunError(f"{path}: {e}") from None
 
 
-def _logits(model, chunk: np.ndarray, start: int = 0) -> np.ndarray:
-    """Float32 logits of chunk positions start..C-1 (C, V) -> (C - start, V)."""
+def _logits(model, chunks: np.ndarray, start: int = 0) -> np.ndarray:
+    """Float32 logits of positions start..C-1 of one chunk (C,) -> (C - start, V), or of
+    several evaluated together (B, C) -> (B, C - start, V)."""
     import torch
     # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
     with torch.no_grad():
-        out = model.forward(torch.from_numpy(chunk.astype(np.int64)), logits_start=start)
+        out = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start)
     return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+
+
+def chunks_per_batch(batch_tokens: int, n_ctx: int) -> int:
+    """Chunks evaluated per forward call: llama-perplexity's n_seq = max(1, n_batch / n_ctx)."""
+    return max(1, batch_tokens // n_ctx)
+
+
+def batched(items: list, n: int) -> list[list]:
+    """items in consecutive groups of n (the last may be shorter)."""
+    return [items[i:i + n] for i in range(0, len(items), n)]
 
 
 # ---------------------------------------------------------------------------------------
@@ -291,41 +302,50 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
         for v in variants:
             v.model = _load_model(v.path, cfg.threads)
         first = n_ctx // 2
-        bar = tqdm(todo, desc=f"{cfg.name}: chunks", unit="chunk", disable=not progress)
-        for k in bar:
-            targets = stream_chunks[k, targets_pos]
-            if base_file is not None:
-                rec = base_file.read_chunk(k)
-                base_lp = rec.logprobs
-                base_seconds = 0.0
-            else:
-                ts = time.perf_counter()
-                z = _logits(base_model, chunks[k], first)   # positions first..C-1
-                base_seconds = time.perf_counter() - ts
-                rows = z[:-1]                               # the scored rows first..C-2
-                if want_records:
-                    np.save(partial / f"records_{k:05d}.npy", encode_records(rows))
-                base_lp = _log_softmax_f32(rows)
-            arrays: dict[str, np.ndarray] = {"targets": targets.astype(np.int32),
-                                             "base_seconds": np.float64(base_seconds)}
+        bar = tqdm(total=len(todo), desc=f"{cfg.name}: chunks", unit="chunk", disable=not progress)
+        # Several chunks per forward call (llama-perplexity's n_batch / n_ctx sequences):
+        # larger GEMMs, and each weight is read once for all of them.
+        for group in batched(todo, chunks_per_batch(cfg.batch, n_ctx)):
+            idx = np.asarray(group)
             if base_file is None:
-                try:
-                    arrays["base_nll"] = token_nll(rows, targets, chunk=k, first_row=first)
-                except ValueError as e:
-                    raise RunError(f"base model: {e}") from None
-            else:
-                arrays["base_nll"] = -base_lp[np.arange(len(targets)), targets].astype(np.float64)
-            for i, v in enumerate(variants):
                 ts = time.perf_counter()
-                zq = _logits(v.model, chunks[k], first)
-                arrays[f"v{i}_seconds"] = np.float64(time.perf_counter() - ts)
-                try:
-                    st = kld_token_stats_f(base_lp, zq[:-1], targets, k, first)
-                except ValueError as e:
-                    raise RunError(f"variant {v.name!r}: {e}") from None
-                for f_name, arr in st.__dict__.items():
-                    arrays[f"v{i}_{f_name}"] = arr
-            _atomic_savez(chunk_file(k), **arrays)
+                z_base = _logits(base_model, chunks[idx], first)   # (B, C - first, V)
+                base_seconds = (time.perf_counter() - ts) / len(group)
+            z_var, var_seconds = [], []
+            for v in variants:
+                ts = time.perf_counter()
+                z_var.append(_logits(v.model, chunks[idx], first))
+                var_seconds.append((time.perf_counter() - ts) / len(group))
+            for j, k in enumerate(group):
+                targets = stream_chunks[k, targets_pos]
+                if base_file is not None:
+                    base_lp = base_file.read_chunk(k).logprobs
+                    base_seconds = 0.0
+                else:
+                    rows = z_base[j, :-1]                           # the scored rows first..C-2
+                    if want_records:
+                        np.save(partial / f"records_{k:05d}.npy", encode_records(rows))
+                    base_lp = _log_softmax_f32(rows)
+                arrays: dict[str, np.ndarray] = {"targets": targets.astype(np.int32),
+                                                 "base_seconds": np.float64(base_seconds)}
+                if base_file is None:
+                    try:
+                        arrays["base_nll"] = token_nll(rows, targets, chunk=k, first_row=first)
+                    except ValueError as e:
+                        raise RunError(f"base model: {e}") from None
+                else:
+                    arrays["base_nll"] = -base_lp[np.arange(len(targets)), targets].astype(np.float64)
+                for i, v in enumerate(variants):
+                    arrays[f"v{i}_seconds"] = np.float64(var_seconds[i])
+                    try:
+                        st = kld_token_stats_f(base_lp, z_var[i][j, :-1], targets, k, first)
+                    except ValueError as e:
+                        raise RunError(f"variant {v.name!r}: {e}") from None
+                    for f_name, arr in st.__dict__.items():
+                        arrays[f"v{i}_{f_name}"] = arr
+                _atomic_savez(chunk_file(k), **arrays)
+                bar.update(1)
+            del z_var
         bar.close()
 
     # -- aggregate -----------------------------------------------------------------------

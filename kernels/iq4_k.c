@@ -8,6 +8,7 @@
  * Block: d (fp16) | extra (u16) | scales_h[4] (2 bits each) | scales_l[8] | qs[128].
  */
 #include "iqk_common.h"
+#include "ek_simd.h"
 
 #define IQ4K_BYTES 144
 
@@ -92,6 +93,20 @@ void ek_dequantize_row_iq4_k(const uint8_t *y, float *x, int64_t n, int variant)
         const float d = ek_fp16_to_fp32(ek_rd16(blk));
         const unsigned extra = ek_rd16(blk + 2);
         const uint32_t sh = ek_rd32(blk + 4);
+#ifdef EK_HAVE_SSE2
+        /* V4's shifted half is its base half (= the IQ4_NL table) + 4: the base values are
+         * gathered, 4 is added for shifted sub-blocks, the sum converted exactly; dl * V[k]
+         * is then one mulps per 4 values (multiplication commutes bit for bit). */
+        uint32_t shg = sh, exg = extra; /* consumed 4 / 2 bits per group (no variable shifts) */
+        for (int g = 0; g < 8; ++g, shg >>= 4, exg >>= 2) {
+            const int code0 = (blk[8 + g] & 0xf) | (int)((shg & 3) << 4);
+            const int code1 = (blk[8 + g] >> 4) | (int)((shg & 0xc) << 2);
+            const __m128 dl0 = _mm_set1_ps(d * (float)(code0 - 32));
+            const __m128 dl1 = _mm_set1_ps(d * (float)(code1 - 32));
+            const int add = (int)((exg & 1) << 2 | (exg & 2) << 9); /* +4 per shifted half */
+            ek_sse_iq4nl_block(xb + 32 * g, blk + 16 + 16 * g, _mm_set1_epi16((short)add), dl0, dl1);
+        }
+#else
         for (int g = 0; g < 8; ++g) {
             const ek_iqk_v16u8 qs = ek_iqk_load16(blk + 16 + 16 * g);
             for (int h = 0; h < 2; ++h) {
@@ -101,5 +116,6 @@ void ek_dequantize_row_iq4_k(const uint8_t *y, float *x, int64_t n, int variant)
                 ek_iqk_scale16(dl, ek_iqk_v4f + 16 * ((extra >> ib) & 1), (qs >> (4 * h)) & 0xf, xb + 16 * ib);
             }
         }
+#endif
     }
 }

@@ -28,6 +28,7 @@
  */
 #include <float.h>
 #include "ek_common.h"
+#include "ek_simd.h"
 
 #define QK 32
 
@@ -374,6 +375,16 @@ void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q4_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* (float)(q - 8) * d: the int subtraction, an exact conversion, one mulps */
+    const __m128i eight = _mm_set1_epi8(8);
+    for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 2));
+        ek_sse_i8x16_mul(x, _mm_sub_epi8(ek_sse_lo_nibbles(qs), eight), d);
+        ek_sse_i8x16_mul(x + QK / 2, _mm_sub_epi8(ek_sse_hi_nibbles(qs), eight), d);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         for (int j = 0; j < QK / 2; ++j) {
@@ -381,6 +392,7 @@ void ek_dequantize_row_q4_0(const uint8_t *y, float *x, int64_t n, int variant) 
             x[j + QK / 2] = (float)((y[2 + j] >> 4) - 8) * d;
         }
     }
+#endif
 }
 
 /* =========================================================================== Q4_1 */
@@ -433,6 +445,16 @@ void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q4_1(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* mulps then addps: the scalar (float)q * d + m, rounded twice, bit for bit */
+    for (int64_t ib = 0; ib < nb; ++ib, y += 20, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m128 m = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y + 2)));
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 4));
+        ek_sse_u8x16_mul_add(x, ek_sse_lo_nibbles(qs), d, m);
+        ek_sse_u8x16_mul_add(x + QK / 2, ek_sse_hi_nibbles(qs), d, m);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 20, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         const float m = ek_fp16_to_fp32(ek_rd16(y + 2));
@@ -441,6 +463,7 @@ void ek_dequantize_row_q4_1(const uint8_t *y, float *x, int64_t n, int variant) 
             x[j + QK / 2] = (float)(y[4 + j] >> 4) * d + m;
         }
     }
+#endif
 }
 
 /* =========================================================================== Q5_0 */
@@ -480,6 +503,19 @@ void ek_quantize_row_q5_0(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q5_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* (float)(q - 16) * d with q = nibble | fifth bit: int ops, exact conversion, mulps */
+    const __m128i sixteen = _mm_set1_epi8(16);
+    for (int64_t ib = 0; ib < nb; ++ib, y += 22, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const uint32_t qh = ek_rd32(y + 2);
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 6));
+        const __m128i q0 = _mm_or_si128(ek_sse_lo_nibbles(qs), ek_sse_bits_to_0x10(qh));
+        const __m128i q1 = _mm_or_si128(ek_sse_hi_nibbles(qs), ek_sse_bits_to_0x10(qh >> 16));
+        ek_sse_i8x16_mul(x, _mm_sub_epi8(q0, sixteen), d);
+        ek_sse_i8x16_mul(x + QK / 2, _mm_sub_epi8(q1, sixteen), d);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 22, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         const uint32_t qh = ek_rd32(y + 2);
@@ -490,6 +526,7 @@ void ek_dequantize_row_q5_0(const uint8_t *y, float *x, int64_t n, int variant) 
             x[j + QK / 2] = (float)(((y[6 + j] >> 4) | h1) - 16) * d;
         }
     }
+#endif
 }
 
 /* =========================================================================== Q5_1 */
@@ -532,6 +569,17 @@ void ek_quantize_row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q5_1(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* mulps then addps: the scalar (float)q * d + m bit for bit */
+    for (int64_t ib = 0; ib < nb; ++ib, y += 24, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m128 m = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y + 2)));
+        const uint32_t qh = ek_rd32(y + 4);
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 8));
+        ek_sse_u8x16_mul_add(x, _mm_or_si128(ek_sse_lo_nibbles(qs), ek_sse_bits_to_0x10(qh)), d, m);
+        ek_sse_u8x16_mul_add(x + QK / 2, _mm_or_si128(ek_sse_hi_nibbles(qs), ek_sse_bits_to_0x10(qh >> 16)), d, m);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 24, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         const float m = ek_fp16_to_fp32(ek_rd16(y + 2));
@@ -543,6 +591,7 @@ void ek_dequantize_row_q5_1(const uint8_t *y, float *x, int64_t n, int variant) 
             x[j + QK / 2] = (float)((y[8 + j] >> 4) | h1) * d + m;
         }
     }
+#endif
 }
 
 /* =========================================================================== Q6_0 */
@@ -572,6 +621,21 @@ void ek_quantize_row_q6_0(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q6_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* (float)(q - 32) * d: int ops, exact conversion, mulps */
+    const __m128i c30 = _mm_set1_epi8(0x30), c32 = _mm_set1_epi8(32);
+    for (int64_t ib = 0; ib < nb; ++ib, y += 26, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m128i qh8 = _mm_loadl_epi64((const __m128i *)(y + 2));
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 10));
+        /* h[j] = qh[j % 8] >> (4 * (j / 8)), a 4-bit value per byte */
+        const __m128i h = ek_sse_lo_nibbles(_mm_unpacklo_epi64(qh8, _mm_srli_epi16(qh8, 4)));
+        const __m128i h_lo = _mm_and_si128(_mm_slli_epi16(h, 4), c30); /* (h << 4) & 0x30 */
+        const __m128i h_hi = _mm_and_si128(_mm_slli_epi16(h, 2), c30); /* (h << 2) & 0x30 */
+        ek_sse_i8x16_mul(x, _mm_sub_epi8(_mm_or_si128(ek_sse_lo_nibbles(qs), h_lo), c32), d);
+        ek_sse_i8x16_mul(x + QK / 2, _mm_sub_epi8(_mm_or_si128(ek_sse_hi_nibbles(qs), h_hi), c32), d);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 26, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         const uint8_t *qh = y + 2, *qs = y + 10;
@@ -581,6 +645,7 @@ void ek_dequantize_row_q6_0(const uint8_t *y, float *x, int64_t n, int variant) 
             x[j + QK / 2] = (float)(((qs[j] >> 4) | ((h << 2) & 0x30)) - 32) * d;
         }
     }
+#endif
 }
 
 /* =========================================================================== Q8_0 */
@@ -608,10 +673,19 @@ void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw
 void ek_dequantize_row_q8_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* (float)(int8)q * d: exact sign extension and conversion, one mulps */
+    for (int64_t ib = 0; ib < nb; ++ib, y += 34, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        ek_sse_i8x16_mul(x, _mm_loadu_si128((const __m128i *)(y + 2)), d);
+        ek_sse_i8x16_mul(x + 16, _mm_loadu_si128((const __m128i *)(y + 18)), d);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 34, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         for (int j = 0; j < QK; ++j) x[j] = (float)(int8_t)y[2 + j] * d;
     }
+#endif
 }
 
 /* ========================================================================= IQ4_NL */
@@ -752,6 +826,14 @@ void ek_quantize_row_iq4_nl(const float *x, uint8_t *y, int64_t n, const float *
 void ek_dequantize_row_iq4_nl(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_SSE2
+    /* d * (float)T[q]: table values gathered, widened and converted exactly, one mulps
+     * (multiplication commutes bit for bit) */
+    for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
+        const __m128 d = _mm_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        ek_sse_iq4nl_block(x, y + 2, _mm_setzero_si128(), d, d);
+    }
+#else
     for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
         const float d = ek_fp16_to_fp32(ek_rd16(y));
         for (int j = 0; j < QK / 2; ++j) {
@@ -759,4 +841,5 @@ void ek_dequantize_row_iq4_nl(const uint8_t *y, float *x, int64_t n, int variant
             x[j + QK / 2] = d * (float)k_iq4nl_values[y[2 + j] >> 4];
         }
     }
+#endif
 }

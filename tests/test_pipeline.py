@@ -29,8 +29,9 @@ def corpus(tmp_path_factory):
 
 
 def _cfg(tmp_path, corpus, **kw):
+    # batch 128 = 2 chunks of 64 per forward call: the 3 chunks go as [0, 1], [2]
     d = {"name": "tiny", "base": str(TINY), "corpus": str(corpus), "ctx": 64, "chunks": 3, "threads": 2,
-         "output_dir": str(tmp_path / "results"),
+         "batch": 128, "output_dir": str(tmp_path / "results"),
          "variants": [{"name": "IQ4_K", "ftype": "IQ4_K"}, {"name": "Q8_0", "ftype": "Q8_0"}]}
     d.update(kw)
     return config_from_dict(d, "test", str(tmp_path))
@@ -110,7 +111,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
 
     def dying(model, chunk, start=0):
         calls["n"] += 1
-        if calls["n"] == 7:  # chunk 2's base pass: chunks 0 and 1 are finished
+        if calls["n"] == 4:  # the second group's base pass: chunks 0 and 1 are finished
             raise KeyboardInterrupt("killed")
         return real(model, chunk, start)
 
@@ -216,10 +217,10 @@ def test_nan_logits_name_chunk_and_position(tmp_path, corpus, monkeypatch):
     calls = {"n": 0}
 
     def poisoned(model, chunk, start=0):
-        z = real(model, chunk, start)   # rows are chunk positions start..C-1
+        z = real(model, chunk, start)   # (chunks, positions start..C-1, V)
         calls["n"] += 1
-        if calls["n"] == 5:  # chunk 1, first variant
-            z[40 - start, 7] = np.nan
+        if calls["n"] == 2:  # the first variant on the first group [0, 1]: chunk 1
+            z[1, 40 - start, 7] = np.nan
         return z
 
     monkeypatch.setattr(pl, "_logits", poisoned)

@@ -62,14 +62,11 @@ def small_tiles(monkeypatch):
     assert ql.tile_rows_for(N_PER_ROW, OUT_ROWS) == 84
 
 
-@pytest.fixture(params=["serial", "split"])
-def mode(request, monkeypatch):
-    """Both execution strategies; "split" over 3 threads gives unequal row ranges."""
-    if request.param == "split" and ql._THREAD_CONTROLS is None:
-        pytest.skip("this torch build does not expose per-thread MKL/OpenMP controls")
-    monkeypatch.setattr(ql, "MODE", request.param)
+@pytest.fixture(params=[1, 3])
+def mode(request):
+    """torch with 1 and with 3 threads (the GEMM splits the tiles' columns unevenly)."""
     saved = torch.get_num_threads()
-    torch.set_num_threads(3 if request.param == "split" else saved)
+    torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(saved)
 
@@ -134,6 +131,31 @@ def test_opcheck(type_name):
         torch.library.opcheck(torch.ops.evalkit.qlinear.default, (x, w, fmt.type_id, 256, 1))
     torch.library.opcheck(torch.ops.evalkit.qembedding.default, (torch.tensor([[1, 5], [39, 0]]), w,
                                                                  fmt.type_id, 256, 0))
+    torch.library.opcheck(torch.ops.evalkit.qlinear_out.default,
+                          (torch.randn(2, 4, 256), w, fmt.type_id, 256, 1, torch.empty(2, 4, 40)))
+
+
+@pytest.mark.parametrize("type_name", ["F32", "Q4_1", "IQ4_K"])
+def test_qlinear_out_writes_what_qlinear_returns(type_name, small_tiles, mode):
+    fmt = _need(type_name)
+    q, w = _weights(type_name)
+    x = torch.randn(2, 9, N_PER_ROW)
+    out = torch.full((2, 9, OUT_ROWS), float("nan"))
+    lin = QLinear(q, type_name, N_PER_ROW)
+    assert lin(x, out=out) is out
+    _assert_matmul_close(out.view(-1, OUT_ROWS), x.view(-1, N_PER_ROW), torch.from_numpy(w))
+    biased = QLinear(q, type_name, N_PER_ROW, bias=torch.linspace(-1, 1, OUT_ROWS))
+    assert torch.equal(biased(x, out=out), biased(x))
+    assert torch.equal(biased(x), lin(x) + biased.bias)
+
+
+def test_qlinear_out_rejects_a_wrong_buffer():
+    fmt = _need("Q8_0")
+    q, _ = _weights("Q8_0", rows=48, n=256)
+    w, x = torch.from_numpy(q), torch.randn(3, 256)
+    for bad in (torch.empty(3, 47), torch.empty(3, 48, dtype=torch.float64), torch.empty(48, 3).t()):
+        with pytest.raises(ValueError, match="out must be a contiguous float32 tensor of shape"):
+            torch.ops.evalkit.qlinear_out(x, w, fmt.type_id, 256, 1, bad)
 
 
 def test_qlinear_traces_with_fake_tensors():
@@ -192,7 +214,6 @@ def test_concurrent_calls_from_several_threads(mode):
 def test_buffers_survive_switching_inference_mode(monkeypatch):
     # the per-thread scratch buffer is first made under inference mode, then reused outside it
     monkeypatch.setattr(ql._tls, "buf", None, raising=False)
-    monkeypatch.setattr(ql, "MODE", "serial")
     q, w = _weights("F16", rows=64, n=256)
     x = torch.randn(5, 256)
     with torch.inference_mode():

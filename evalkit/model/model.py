@@ -24,7 +24,7 @@ from torch import nn
 from evalkit.model.config import ModelConfig
 from evalkit.model.qlinear import QEmbedding, QLinear, packed_tensor
 
-__all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "ModelTensorError"]
+__all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "Workspace", "ModelTensorError"]
 
 
 class ModelTensorError(ValueError):
@@ -41,10 +41,11 @@ class RMSNorm(nn.Module):
         self.register_buffer("weight", weight, persistent=False)
         self.eps = float(eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise x (..., n) over its last dimension."""
-        r = torch.rsqrt(x.square().mean(-1, keepdim=True).add_(self.eps))
-        return (x * r).mul_(self.weight)
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise x (..., n) over its last dimension (into ``out`` when given; may be x)."""
+        out = torch.empty_like(x) if out is None else out
+        r = torch.rsqrt(torch.square(x, out=out).mean(-1, keepdim=True).add_(self.eps))   # (..., 1)
+        return torch.mul(x, r, out=out).mul_(self.weight)
 
 
 class Rope(nn.Module):
@@ -76,27 +77,25 @@ class Rope(nn.Module):
         return self._cache[T]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Rotate x (B, T, heads, D) by position (0..T-1); returns a new tensor."""
+        """Rotate x (B, T, heads, D) by position (0..T-1), in place; returns x."""
         B, T, h, D = x.shape
         n = self.n_rot
         cos, sin, cis = self.tables(T)
-        if not self.neox and n == D:
+        if not self.neox and n == D and x.is_contiguous():
             # adjacent pairs are complex numbers a + ib; one complex multiply rotates them
             # ((a cos - b sin) + i(a sin + b cos), each product rounded once, no FMA).
-            xc = torch.view_as_complex(x.reshape(B, T, h, D // 2, 2))
-            return torch.view_as_real(xc * cis).reshape(B, T, h, D)
-        out = x.clone() if n < D else torch.empty_like(x)
+            torch.view_as_complex(x.view(B, T, h, D // 2, 2)).mul_(cis)
+            return x
         if self.neox:
             x0, x1 = x[..., :n // 2], x[..., n // 2:n]                     # (B, T, h, n/2) each
-            o0, o1 = out[..., :n // 2], out[..., n // 2:n]
         else:
             x0, x1 = x[..., :n].unflatten(-1, (-1, 2)).unbind(-1)          # even, odd dims
-            o0, o1 = out[..., :n].unflatten(-1, (-1, 2)).unbind(-1)
-        torch.mul(x0, cos, out=o0) if o0.is_contiguous() else o0.copy_(x0 * cos)
-        o0.sub_(x1 * sin)
-        torch.mul(x1, cos, out=o1) if o1.is_contiguous() else o1.copy_(x1 * cos)
-        o1.add_(x0 * sin)
-        return out
+        a, b = x0 * cos, x1 * sin
+        b1 = x1 * cos
+        b1.add_(x0 * sin)
+        x0.copy_(a.sub_(b))
+        x1.copy_(b1)
+        return x
 
 
 class CausalAttention:
@@ -115,8 +114,9 @@ class CausalAttention:
         # (block, 1, block) "key after query" mask for the diagonal sub-block
         self._future = torch.ones(self.block, self.block, dtype=torch.bool).triu(1).unsqueeze(1)
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T, H, D)."""
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 out: torch.Tensor | None = None) -> torch.Tensor:
+        """q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T, H, D) (into the contiguous ``out``)."""
         B, T, H, D = q.shape
         Hkv = k.shape[2]
         G = H // Hkv
@@ -124,7 +124,7 @@ class CausalAttention:
         qg = q.view(B, T, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(B * Hkv, T * G, D).mul_(D ** -0.5)
         kh = k.permute(0, 2, 1, 3).reshape(B * Hkv, T, D)                               # (B·Hkv, T, D)
         vh = v.permute(0, 2, 1, 3).reshape(B * Hkv, T, D)
-        out = torch.empty(B, T, Hkv, G, D)
+        out = torch.empty(B, T, Hkv, G, D) if out is None else out.view(B, T, Hkv, G, D)
         for s in range(0, T, self.block):
             e = min(T, s + self.block)
             n = e - s
@@ -141,6 +141,7 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig, t: dict):
         super().__init__()
         self.n_head, self.n_head_kv, self.head_dim = cfg.n_head, cfg.n_head_kv, cfg.head_dim
+        self.n_ff = cfg.n_ff
         self.attn_norm = RMSNorm(t["attn_norm.weight"], cfg.rms_eps)
         self.attn_q = t["attn_q"]
         self.attn_k = t["attn_k"]
@@ -154,27 +155,58 @@ class Block(nn.Module):
         self.ffn_down = t["ffn_down"]
         self.attention = CausalAttention()
 
-    def forward(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
-        """x (B, T, E) -> x + attention + feed-forward, (B, T, E)."""
-        B, T, _ = x.shape                                                 # x: (B, T, E)
+    def forward(self, x: torch.Tensor, rope: Rope, ws: "Workspace", keep_from: int = 0) -> torch.Tensor:
+        """x (B, T, E) -> x + attention + feed-forward, (B, T - keep_from, E).
+
+        Activations go into ``ws``'s reused buffers and the residual stream is updated in
+        place. ``keep_from`` > 0 (the last block, when only later positions' logits are
+        wanted): keys and values cover every position, everything after the attention
+        only the positions from ``keep_from`` on, as llama.cpp's last layer does.
+        """
+        B, T, E = x.shape                                                 # x: (B, T, E)
         H, Hkv, D = self.n_head, self.n_head_kv, self.head_dim
 
         # --- attention
-        h = self.attn_norm(x)                                             # (B, T, E)
-        q = self.attn_q(h).view(B, T, H, D)                               # (B, T, H, D)
-        k = self.attn_k(h).view(B, T, Hkv, D)                             # (B, T, Hkv, D)
-        v = self.attn_v(h).view(B, T, Hkv, D)                             # (B, T, Hkv, D)
+        h = self.attn_norm(x, out=ws("h", B, T, E))                       # (B, T, E)
+        q = self.attn_q(h, out=ws("q", B, T, H * D)).view(B, T, H, D)     # (B, T, H, D)
+        k = self.attn_k(h, out=ws("k", B, T, Hkv * D)).view(B, T, Hkv, D)  # (B, T, Hkv, D)
+        v = self.attn_v(h, out=ws("v", B, T, Hkv * D)).view(B, T, Hkv, D)  # (B, T, Hkv, D)
         if self.attn_q_norm is not None:                                  # qwen3: per-head RMS norm
             q, k = self.attn_q_norm(q), self.attn_k_norm(k)
-        q, k = rope(q), rope(k)
-        y = self.attention(q, k, v)                                       # (B, T, H, D)
-        x = x + self.attn_output(y.view(B, T, H * D))                     # (B, T, E)
+        q, k = rope(q), rope(k)                                           # in place
+        y = self.attention(q, k, v, out=ws("y", B, T, H, D))              # (B, T, H, D)
+        if keep_from:
+            x, y = x[:, keep_from:], y[:, keep_from:]
+            T = T - keep_from
+        x.add_(self.attn_output(y.reshape(B, T, H * D), out=ws("o", B, T, E)))   # (B, T, E)
 
         # --- feed-forward
-        h = self.ffn_norm(x)                                              # (B, T, E)
-        g = self.ffn_gate(h)                                              # (B, T, F)
-        u = self.ffn_up(h)                                                # (B, T, F)
-        return x + self.ffn_down(F.silu(g).mul_(u))                       # (B, T, E)
+        h = self.ffn_norm(x, out=ws("h", B, T, E))                        # (B, T, E)
+        g = self.ffn_gate(h, out=ws("g", B, T, self.n_ff))                # (B, T, F)
+        u = self.ffn_up(h, out=ws("u", B, T, self.n_ff))                  # (B, T, F)
+        a = F.silu(g, inplace=True).mul_(u)                               # (B, T, F)
+        return x.add_(self.ffn_down(a, out=ws("o", B, T, E)))             # (B, T, E)
+
+
+class Workspace:
+    """Float32 activation buffers of one forward call, reused by every block.
+
+    A fresh multi-MiB tensor per operation costs page faults and cold caches (about a
+    tenth of the GEMM time on CPU); one buffer per role, reused 30-odd times, does not.
+    """
+
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, *shape: int) -> torch.Tensor:
+        """The buffer ``name`` viewed as a contiguous float32 tensor of ``shape``."""
+        n = 1
+        for d in shape:
+            n *= d
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < n:
+            buf = self._bufs[name] = torch.empty(n, dtype=torch.float32)
+        return buf[:n].view(shape)
 
 
 # --------------------------------------------------------------------------- the model
@@ -220,9 +252,11 @@ class Model(nn.Module):
             raise ValueError(f"logits_start {logits_start} outside [0, {tokens.shape[1]})")
 
         x = self.token_embd(tokens.long())                                # (B, T, E)
-        for blk in self.blk:
-            x = blk(x, self.rope)                                         # (B, T, E)
-        x = self.output_norm(x[:, logits_start:])                         # (B, T', E)
+        ws = Workspace()
+        last = len(self.blk) - 1
+        for i, blk in enumerate(self.blk):
+            x = blk(x, self.rope, ws, keep_from=logits_start if i == last else 0)
+        x = self.output_norm(x)                                           # (B, T', E)
         logits = self.output(x)                                           # (B, T', V)
         return logits[0] if single else logits
 

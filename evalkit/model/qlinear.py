@@ -16,15 +16,13 @@ F32 weights are multiplied in place (a float32 view of the bytes). F16/BF16 tile
 widened by torch, which is exact (every half/bfloat16 value is a float32), so it gives
 the same values as the C converters, only vectorised.
 
-Threads: with ``torch.get_num_threads()`` = T > 1 the weight rows are split into T ranges
-worked on at once by T single-threaded (dequantize + GEMM) threads ("split" mode, see
-below); with T = 1, or where torch's MKL/OpenMP per-thread controls are not reachable,
-tiles are processed one after the other with all threads ("serial" mode). The two agree
-to float32 GEMM rounding (bit for bit in every run we made).
+Threads: each tile is dequantized on the calling thread (SIMD, a few percent of the
+tile's GEMM) and multiplied by torch's GEMM with all of torch's threads. Earlier versions
+split the rows over single-threaded workers; next to torch's spinning OpenMP threads that
+was up to 40 % slower in the forward pass (see bench/forward.py).
 """
 from __future__ import annotations
 
-import os
 import threading
 import warnings
 
@@ -36,7 +34,7 @@ from evalkit import _kernels
 from evalkit.codec import DEQUANT_VARIANTS
 from evalkit.formats import FORMATS_BY_ID, QuantFormat, get_format
 
-__all__ = ["qlinear", "qembedding", "QLinear", "QEmbedding", "packed_tensor", "tile_rows_for",
+__all__ = ["qlinear", "qlinear_out", "qembedding", "QLinear", "QEmbedding", "packed_tensor", "tile_rows_for",
            "TILE_ELEMENTS"]
 
 _F32, _F16, _BF16 = 0, 1, 30
@@ -73,127 +71,8 @@ def tile_rows_for(n_per_row: int, n_rows: int) -> int:
 
 
 def _dequant_threads() -> int:
+    """Threads for dequantizing outside the matmul (QLinear.dequantized): torch's count."""
     return max(1, torch.get_num_threads())
-
-
-# --------------------------------------------------------------------------- row-split workers
-#
-# With T torch threads, a qlinear call is split into T contiguous row ranges, each done by
-# one thread that dequantizes its tiles and multiplies them with a *single-threaded* GEMM
-# into its columns of the output. Dequantization and GEMM then run on every core at once,
-# with no thread start-up per call and no fight between the C library's threads and
-# torch's OpenMP team (measured on 2 cores: the C threads ran at half speed next to
-# OpenMP's spinning workers, and "split" beat "serial" by 5-30 % per op).
-# A single-threaded GEMM in one thread needs MKL's per-thread setting and libgomp's
-# per-thread ICV; where this torch build does not expose them the op runs "serial":
-# dequantize a tile with the C library's threads, then multiply it with torch's.
-
-def _loaded_library(fragment: str) -> str | None:
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                path = line.rsplit(" ", 1)[-1].strip()
-                if fragment in path.rsplit("/", 1)[-1]:
-                    return path
-    except OSError:
-        pass
-    return None
-
-
-def _load_thread_controls():
-    """(mkl_set_num_threads_local, omp_set_num_threads, omp_get_max_threads) of torch's runtime, or None."""
-    import ctypes
-    try:
-        cpu, gomp = _loaded_library("libtorch_cpu"), _loaded_library("libgomp")
-        if cpu is None or gomp is None:
-            return None
-        mkl_local = ctypes.CDLL(cpu).MKL_Set_Num_Threads_Local     # the C (by-value) entry point
-        mkl_local.argtypes, mkl_local.restype = [ctypes.c_int], ctypes.c_int
-        g = ctypes.CDLL(gomp)
-        omp_set, omp_get = g.omp_set_num_threads, g.omp_get_max_threads
-        omp_set.argtypes, omp_set.restype = [ctypes.c_int], None
-        omp_get.argtypes, omp_get.restype = [], ctypes.c_int
-        return mkl_local, omp_set, omp_get
-    except (OSError, AttributeError):
-        return None
-
-
-_THREAD_CONTROLS = _load_thread_controls()
-# "split" (row ranges on single-threaded workers) or "serial" (tile after tile, all threads).
-MODE = "split" if _THREAD_CONTROLS is not None else "serial"
-
-
-class _Workers:
-    """Persistent helper threads whose torch / MKL / OpenMP work runs single-threaded."""
-
-    def __init__(self):
-        self.pool = None
-        self.size = 0
-        self.lock = threading.Lock()
-
-    @staticmethod
-    def _init():
-        mkl_local, omp_set, _ = _THREAD_CONTROLS
-        torch.ones(1 << 16).sum()          # torch's lazy per-thread thread setup runs first ...
-        omp_set(1)                         # ... so that these stay
-        mkl_local(1)
-
-    def get(self, n: int):
-        """A pool of at least ``n`` workers."""
-        from concurrent.futures import ThreadPoolExecutor
-        with self.lock:
-            if self.pool is None or self.size < n:
-                if self.pool is not None:
-                    self.pool.shutdown(wait=False)
-                self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="evalkit-qlinear",
-                                               initializer=self._init)
-                self.size = n
-            return self.pool
-
-    def forget(self):
-        """After fork: the parent's threads do not exist in the child."""
-        self.pool, self.size, self.lock = None, 0, threading.Lock()
-
-
-_WORKERS = _Workers()
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_WORKERS.forget)
-
-
-def _run_rows(x2, w, fmt, n, out, r0, r1, tile, variant):
-    """Dequantize rows [r0, r1) of w tile by tile and multiply into out[:, r0:r1] (one thread)."""
-    buf = _scratch(tile * n)
-    # inference mode is per thread: follow the caller's, or writing into `out` is refused
-    with torch.inference_mode(out.is_inference()):
-        for s in range(r0, r1, tile):
-            e = min(r1, s + tile)
-            wt = buf[:(e - s) * n].view(e - s, n)
-            _dequantize_rows(w[s:e], fmt, n, wt, variant, 1)
-            # The output slice has strides (out_rows, 1): BLAS writes it in place (ldc).
-            torch.mm(x2, wt.t(), out=out[:, s:e])
-
-
-def _split_matmul(x2, w, fmt, n, out, tile, variant, nthreads):
-    rows = w.shape[0]
-    n_tiles = -(-rows // tile)
-    parts = min(nthreads, n_tiles)
-    bounds = [min(rows, (n_tiles * i // parts) * tile) for i in range(parts)] + [rows]
-    futures = []
-    if parts > 1:
-        pool = _WORKERS.get(parts - 1)
-        futures = [pool.submit(_run_rows, x2, w, fmt, n, out, bounds[i], bounds[i + 1], tile, variant)
-                   for i in range(1, parts)]
-    mkl_local, omp_set, omp_get = _THREAD_CONTROLS
-    prev_omp = omp_get()
-    prev_mkl = mkl_local(1)                  # this thread's share runs single-threaded too
-    omp_set(1)
-    try:
-        _run_rows(x2, w, fmt, n, out, bounds[0], bounds[1], tile, variant)
-    finally:
-        mkl_local(prev_mkl)                  # (0 restores "follow the global setting")
-        omp_set(prev_omp)
-        for f in futures:
-            f.result()
 
 
 def _fmt(type_id: int) -> QuantFormat:
@@ -240,6 +119,40 @@ def _f32_view(w: torch.Tensor, n: int) -> torch.Tensor | None:
     return w.view(torch.float32).view(w.shape[0], n)
 
 
+def _check_activations(x: torch.Tensor, n_per_row: int, what: str) -> None:
+    if x.dtype != torch.float32:
+        raise TypeError(f"{what}: activations must be float32, got {x.dtype}")
+    if x.shape[-1] != n_per_row:
+        raise ValueError(f"{what}: activations have {x.shape[-1]} features, weight rows have {n_per_row}")
+
+
+def _matmul_into(x2: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, n_per_row: int, out: torch.Tensor,
+                 variant: int) -> None:
+    """out (M, out_rows) = x2 (M, n_per_row) @ W.T, W dequantized tile by tile (out contiguous)."""
+    out_rows = w.shape[0]
+    if fmt.type_id == _F32:
+        wf = _f32_view(w, n_per_row)
+        if wf is not None:
+            torch.mm(x2, wf.t(), out=out)
+            return
+    tile = tile_rows_for(n_per_row, out_rows)
+    buf = _scratch(tile * n_per_row)
+    for r0 in range(0, out_rows, tile):
+        r1 = min(out_rows, r0 + tile)
+        wt = buf[:(r1 - r0) * n_per_row].view(r1 - r0, n_per_row)
+        # On the calling thread: the GEMM's OpenMP threads keep spinning for a while after
+        # each product, and C threads started next to them run at half speed (measured:
+        # the 2-thread Q4_1 forward 15-40 % slower with 2 dequantizing threads).
+        _dequantize_rows(w[r0:r1], fmt, n_per_row, wt, variant, 1)
+        # The output slice has strides (out_rows, 1): BLAS writes it in place (ldc).
+        torch.mm(x2, wt.t(), out=out[:, r0:r1])
+
+
+def _rows_2d(x: torch.Tensor, n_per_row: int) -> torch.Tensor:
+    x2 = x.reshape(-1, n_per_row)
+    return x2 if x2.is_contiguous() else x2.contiguous()
+
+
 @torch.library.custom_op("evalkit::qlinear", mutates_args=())
 def qlinear(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int) -> torch.Tensor:
     """``x @ W.T`` for float32 x (..., n_per_row) and W packed as ggml ``type_id`` rows (out, row_bytes).
@@ -248,40 +161,40 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, vari
     """
     fmt = _fmt(type_id)
     _check_packed(w, fmt, n_per_row, "qlinear")
-    if x.dtype != torch.float32:
-        raise TypeError(f"qlinear: activations must be float32, got {x.dtype}")
-    if x.shape[-1] != n_per_row:
-        raise ValueError(f"qlinear: activations have {x.shape[-1]} features, weight rows have {n_per_row}")
-    out_rows = w.shape[0]
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_per_row)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if fmt.type_id == _F32:
-        wf = _f32_view(w, n_per_row)
-        if wf is not None:
-            return torch.mm(x2, wf.t()).reshape(*lead, out_rows)
-    out = torch.empty((x2.shape[0], out_rows), dtype=torch.float32)
-    nthreads = _dequant_threads()
-    if MODE == "split" and nthreads > 1:
-        tile = tile_rows_for(n_per_row, -(-out_rows // nthreads))
-        _split_matmul(x2, w, fmt, n_per_row, out, tile, variant, nthreads)
-        return out.reshape(*lead, out_rows)
-    tile = tile_rows_for(n_per_row, out_rows)
-    buf = _scratch(tile * n_per_row)
-    for r0 in range(0, out_rows, tile):
-        r1 = min(out_rows, r0 + tile)
-        wt = buf[:(r1 - r0) * n_per_row].view(r1 - r0, n_per_row)
-        _dequantize_rows(w[r0:r1], fmt, n_per_row, wt, variant, nthreads)
-        # The output slice has strides (out_rows, 1): BLAS writes it in place (ldc).
-        torch.mm(x2, wt.t(), out=out[:, r0:r1])
-    return out.reshape(*lead, out_rows)
+    _check_activations(x, n_per_row, "qlinear")
+    x2 = _rows_2d(x, n_per_row)
+    out = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32)
+    _matmul_into(x2, w, fmt, n_per_row, out, variant)
+    return out.reshape(*x.shape[:-1], w.shape[0])
 
 
 @qlinear.register_fake
 def _qlinear_fake(x, w, type_id, n_per_row, variant):
     torch._check(x.shape[-1] == n_per_row)
     return x.new_empty((*x.shape[:-1], w.shape[0]))
+
+
+@torch.library.custom_op("evalkit::qlinear_out", mutates_args=("out",))
+def qlinear_out(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int,
+                out: torch.Tensor) -> None:
+    """:func:`qlinear` written into the caller's contiguous float32 ``out`` (..., out_rows).
+
+    The forward pass reuses its activation buffers through this: a fresh multi-MiB result
+    per call costs page faults and cold caches (about 9 % of the GEMM time on CPU).
+    """
+    fmt = _fmt(type_id)
+    _check_packed(w, fmt, n_per_row, "qlinear_out")
+    _check_activations(x, n_per_row, "qlinear_out")
+    if out.dtype != torch.float32 or not out.is_contiguous() or \
+            tuple(out.shape) != (*x.shape[:-1], w.shape[0]):
+        raise ValueError(f"qlinear_out: out must be a contiguous float32 tensor of shape "
+                         f"{(*x.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
+    _matmul_into(_rows_2d(x, n_per_row), w, fmt, n_per_row, out.view(-1, w.shape[0]), variant)
+
+
+@qlinear_out.register_fake
+def _qlinear_out_fake(x, w, type_id, n_per_row, variant, out):
+    torch._check(x.shape[-1] == n_per_row)
 
 
 @torch.library.custom_op("evalkit::qembedding", mutates_args=())
@@ -302,7 +215,7 @@ def qembedding(ids: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int,
             raise IndexError(f"qembedding: token id {bad} out of range [0, {w.shape[0]})")
     rows = w.index_select(0, flat)  # (n, row_bytes), contiguous packed copies of the rows
     out = torch.empty((flat.numel(), n_per_row), dtype=torch.float32)
-    _dequantize_rows(rows, fmt, n_per_row, out, variant, _dequant_threads())
+    _dequantize_rows(rows, fmt, n_per_row, out, variant, 1)
     return out.reshape(*ids.shape, n_per_row)
 
 
@@ -360,12 +273,13 @@ class QLinear(nn.Module):
                 raise ValueError(f"QLinear: bias has {bias.numel()} entries, expected {self.out_features}")
         self.register_buffer("bias", bias, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_features) float32 -> (..., out_features)."""
-        y = torch.ops.evalkit.qlinear(x, self.weight, self.type_id, self.in_features, self.variant)
-        if self.bias is not None:
-            y = y + self.bias
-        return y
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x (..., in_features) float32 -> (..., out_features), into ``out`` when given."""
+        if out is None:
+            y = torch.ops.evalkit.qlinear(x, self.weight, self.type_id, self.in_features, self.variant)
+            return y if self.bias is None else y.add_(self.bias)
+        torch.ops.evalkit.qlinear_out(x, self.weight, self.type_id, self.in_features, self.variant, out)
+        return out if self.bias is None else out.add_(self.bias)
 
     def dequantized(self) -> torch.Tensor:
         """The full float32 weight (out_features, in_features); for tests and small layers only."""
