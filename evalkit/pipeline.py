@@ -181,12 +181,23 @@ def _load_model(path: Path, threads: int | None):
 
 def _logits(model, chunks: np.ndarray, start: int = 0) -> np.ndarray:
     """Float32 logits of positions start..C-1 of one chunk (C,) -> (C - start, V), or of
-    several evaluated together (B, C) -> (B, C - start, V)."""
+    several evaluated together (B, C) -> (B, C - start, V).
+
+    The result lives in a buffer the model keeps for the next call (fresh logits pages
+    cost a quarter of the output projection): use it before evaluating the model again.
+    """
     import torch
+    shape = (*chunks.shape[:-1], chunks.shape[-1] - start, model.config.n_vocab)
+    n = int(np.prod(shape))
+    buf = getattr(model, "_evalkit_logits_buffer", None)
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.float32)
+        model._evalkit_logits_buffer = buf
     # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
     with torch.no_grad():
-        out = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start)
-    return out.numpy() if hasattr(out, "numpy") else np.asarray(out)
+        out = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start,
+                            out=buf[:n].view(shape))
+    return out.numpy()
 
 
 def chunks_per_batch(batch_tokens: int, n_ctx: int) -> int:

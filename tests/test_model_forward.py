@@ -345,3 +345,17 @@ def test_unsupported_rope_scaling(tiny, tmp_path):
                                                            "llama.rope.scaling.factor": 4.0})
     with pytest.raises(ValueError, match="yarn"):
         Model.from_gguf(path)
+
+
+def test_logits_into_a_given_buffer(tiny, tokens):
+    model = Model.from_gguf(tiny)
+    a, b = tokens[:64], tokens[64:128]
+    both = torch.from_numpy(np.stack([a, b]))
+    out = torch.full((2, 24, 49152), float("nan"))
+    assert model(both, logits_start=40, out=out) is out
+    assert torch.equal(out, model(both, logits_start=40))
+    one = torch.empty(24, 49152)
+    assert model(torch.from_numpy(a), logits_start=40, out=one).data_ptr() == one.data_ptr()
+    assert torch.equal(one, out[0])
+    with pytest.raises(ValueError, match="out must be a contiguous float32 tensor of shape"):
+        model(both, logits_start=40, out=torch.empty(2, 64, 49152))
