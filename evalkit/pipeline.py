@@ -179,25 +179,35 @@ def _load_model(path: Path, threads: int | None):
         raise RunError(f"{path}: {e}") from None
 
 
-def _logits(model, chunks: np.ndarray, start: int = 0) -> np.ndarray:
+class LogitsBuffer:
+    """One float32 buffer for logits, grown as needed and reused by every forward call
+    given it (fresh logits pages cost a quarter of the output projection's time)."""
+
+    def __init__(self):
+        self._t = None
+
+    def view(self, shape: tuple[int, ...]):
+        """The buffer as a contiguous float32 tensor of ``shape`` (its old contents are gone)."""
+        import torch
+        n = int(np.prod(shape))
+        if self._t is None or self._t.numel() < n:
+            self._t = torch.empty(n, dtype=torch.float32)
+        return self._t[:n].view(shape)
+
+
+def _logits(model, chunks: np.ndarray, start: int = 0, buffer: LogitsBuffer | None = None) -> np.ndarray:
     """Float32 logits of positions start..C-1 of one chunk (C,) -> (C - start, V), or of
     several evaluated together (B, C) -> (B, C - start, V).
 
-    The result lives in a buffer the model keeps for the next call (fresh logits pages
-    cost a quarter of the output projection): use it before evaluating the model again.
+    With a ``buffer`` the result lives in it: use it before the buffer's next call.
     """
     import torch
     shape = (*chunks.shape[:-1], chunks.shape[-1] - start, model.config.n_vocab)
-    n = int(np.prod(shape))
-    buf = getattr(model, "_evalkit_logits_buffer", None)
-    if buf is None or buf.numel() < n:
-        buf = torch.empty(n, dtype=torch.float32)
-        model._evalkit_logits_buffer = buf
+    out = buffer.view(shape) if buffer is not None else None
     # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
     with torch.no_grad():
-        out = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start,
-                            out=buf[:n].view(shape))
-    return out.numpy()
+        z = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start, out=out)
+    return z.numpy()
 
 
 def chunks_per_batch(batch_tokens: int, n_ctx: int) -> int:
@@ -316,47 +326,48 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
         bar = tqdm(total=len(todo), desc=f"{cfg.name}: chunks", unit="chunk", disable=not progress)
         # Several chunks per forward call (llama-perplexity's n_batch / n_ctx sequences):
         # larger GEMMs, and each weight is read once for all of them.
+        base_buf, variant_buf = LogitsBuffer(), LogitsBuffer()    # the variants take turns in one
         for group in batched(todo, chunks_per_batch(cfg.batch, n_ctx)):
             idx = np.asarray(group)
+            arrays: dict[int, dict[str, np.ndarray]] = {}
+            base_lps = []
             if base_file is None:
                 ts = time.perf_counter()
-                z_base = _logits(base_model, chunks[idx], first)   # (B, C - first, V)
+                z_base = _logits(base_model, chunks[idx], first, base_buf)   # (B, C - first, V)
                 base_seconds = (time.perf_counter() - ts) / len(group)
-            z_var, var_seconds = [], []
-            for v in variants:
-                ts = time.perf_counter()
-                z_var.append(_logits(v.model, chunks[idx], first))
-                var_seconds.append((time.perf_counter() - ts) / len(group))
             for j, k in enumerate(group):
                 targets = stream_chunks[k, targets_pos]
+                a = arrays[k] = {"targets": targets.astype(np.int32)}
                 if base_file is not None:
                     base_lp = base_file.read_chunk(k).logprobs
-                    base_seconds = 0.0
+                    a["base_seconds"] = np.float64(0.0)
+                    a["base_nll"] = -base_lp[np.arange(len(targets)), targets].astype(np.float64)
                 else:
                     rows = z_base[j, :-1]                           # the scored rows first..C-2
                     if want_records:
                         np.save(partial / f"records_{k:05d}.npy", encode_records(rows))
-                    base_lp = _log_softmax_f32(rows)
-                arrays: dict[str, np.ndarray] = {"targets": targets.astype(np.int32),
-                                                 "base_seconds": np.float64(base_seconds)}
-                if base_file is None:
+                    a["base_seconds"] = np.float64(base_seconds)
                     try:
-                        arrays["base_nll"] = token_nll(rows, targets, chunk=k, first_row=first)
+                        a["base_nll"] = token_nll(rows, targets, chunk=k, first_row=first)
                     except ValueError as e:
                         raise RunError(f"base model: {e}") from None
-                else:
-                    arrays["base_nll"] = -base_lp[np.arange(len(targets)), targets].astype(np.float64)
-                for i, v in enumerate(variants):
-                    arrays[f"v{i}_seconds"] = np.float64(var_seconds[i])
+                    base_lp = _log_softmax_f32(rows)
+                base_lps.append(base_lp)
+            for i, v in enumerate(variants):
+                ts = time.perf_counter()
+                z = _logits(v.model, chunks[idx], first, variant_buf)
+                seconds = np.float64((time.perf_counter() - ts) / len(group))
+                for j, k in enumerate(group):
                     try:
-                        st = kld_token_stats_f(base_lp, z_var[i][j, :-1], targets, k, first)
+                        st = kld_token_stats_f(base_lps[j], z[j, :-1], arrays[k]["targets"], k, first)
                     except ValueError as e:
                         raise RunError(f"variant {v.name!r}: {e}") from None
+                    arrays[k][f"v{i}_seconds"] = seconds
                     for f_name, arr in st.__dict__.items():
-                        arrays[f"v{i}_{f_name}"] = arr
-                _atomic_savez(chunk_file(k), **arrays)
+                        arrays[k][f"v{i}_{f_name}"] = arr
+            for k in group:
+                _atomic_savez(chunk_file(k), **arrays[k])
                 bar.update(1)
-            del z_var
         bar.close()
 
     # -- aggregate -----------------------------------------------------------------------

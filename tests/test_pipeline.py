@@ -109,11 +109,11 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
     real = pl._logits
     calls = {"n": 0}
 
-    def dying(model, chunk, start=0):
+    def dying(model, chunk, start=0, buffer=None):
         calls["n"] += 1
         if calls["n"] == 4:  # the second group's base pass: chunks 0 and 1 are finished
             raise KeyboardInterrupt("killed")
-        return real(model, chunk, start)
+        return real(model, chunk, start, buffer)
 
     monkeypatch.setattr(pl, "_logits", dying)
     with pytest.raises(KeyboardInterrupt):
@@ -124,9 +124,9 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
     monkeypatch.setattr(pl, "_logits", real)
     counted = {"n": 0}
 
-    def counting(model, chunk, start=0):
+    def counting(model, chunk, start=0, buffer=None):
         counted["n"] += 1
-        return real(model, chunk, start)
+        return real(model, chunk, start, buffer)
 
     monkeypatch.setattr(pl, "_logits", counting)
     run(cfg, progress=False)
@@ -216,8 +216,8 @@ def test_nan_logits_name_chunk_and_position(tmp_path, corpus, monkeypatch):
     real = pl._logits
     calls = {"n": 0}
 
-    def poisoned(model, chunk, start=0):
-        z = real(model, chunk, start)   # (chunks, positions start..C-1, V)
+    def poisoned(model, chunk, start=0, buffer=None):
+        z = real(model, chunk, start, buffer)   # (chunks, positions start..C-1, V)
         calls["n"] += 1
         if calls["n"] == 2:  # the first variant on the first group [0, 1]: chunk 1
             z[1, 40 - start, 7] = np.nan
@@ -275,3 +275,17 @@ def test_reference_kt_mix_file_evaluates_against_tiny_base(tmp_path, corpus):
         st = res["variants"][name]
         assert np.isfinite(st["kld_mean"][0]) and 0 < st["kld_mean"][0] < 0.1
         assert st["bpw"] < res["base"]["bpw"]
+
+
+def test_chunks_per_call_do_not_change_the_statistics(tmp_path, corpus):
+    # one chunk per forward call vs all three in one call: same numbers to float32 rounding
+    res = {}
+    for batch in (64, 192):
+        out = run(_cfg(tmp_path, corpus, name=f"b{batch}", batch=batch, variants=[{"name": "Q8_0", "ftype": "Q8_0"}]),
+                  progress=False)
+        res[batch] = json.loads((out / "results.json").read_text())
+    a, b = res[64], res[192]
+    np.testing.assert_allclose(a["base"]["running_ppl"], b["base"]["running_ppl"], rtol=1e-6)
+    for key in ("kld_mean", "ppl"):
+        np.testing.assert_allclose(np.asarray(a["variants"]["Q8_0"][key], float),
+                                   np.asarray(b["variants"]["Q8_0"][key], float), rtol=1e-4, atol=1e-7)
