@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise x (..., n) over its last dimension (into ``out`` when given; may be x)."""
+        """Normalise x (..., n) over its last dimension (into ``out`` when given, which must not be x)."""
         out = torch.empty_like(x) if out is None else out
         r = torch.rsqrt(torch.square(x, out=out).mean(-1, keepdim=True).add_(self.eps))   # (..., 1)
         return torch.mul(x, r, out=out).mul_(self.weight)
