@@ -20,8 +20,8 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     from evalkit.corpus import load_corpus_text
     from evalkit.metrics import PerplexityAccumulator, chunk_tokens, token_nll
     from evalkit.models import resolve_model
-    from evalkit.pipeline import (LogitsBuffer, _load_model, _logits, _tokenizer_for, batched, chunks_per_batch,
-                                  sha256_file)
+    from evalkit.model import Workspace
+    from evalkit.pipeline import _load_model, _logits, _tokenizer_for, batched, chunks_per_batch, sha256_file
 
     if threads:
         torch.set_num_threads(threads)
@@ -43,7 +43,7 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     running = []
     first = ctx // 2
     t0 = time.perf_counter()
-    buf = LogitsBuffer()
+    buf = Workspace()
     for group in batched(list(range(n_chunks)), chunks_per_batch(batch, ctx)):
         z = _logits(model, chunk_arr[group], first, buf)  # (B, C - first, V): only the second half is scored
         for j, k in enumerate(group):

@@ -179,31 +179,17 @@ def _load_model(path: Path, threads: int | None):
         raise RunError(f"{path}: {e}") from None
 
 
-class LogitsBuffer:
-    """One float32 buffer for logits, grown as needed and reused by every forward call
-    given it (fresh logits pages cost a quarter of the output projection's time)."""
-
-    def __init__(self):
-        self._t = None
-
-    def view(self, shape: tuple[int, ...]):
-        """The buffer as a contiguous float32 tensor of ``shape`` (its old contents are gone)."""
-        import torch
-        n = int(np.prod(shape))
-        if self._t is None or self._t.numel() < n:
-            self._t = torch.empty(n, dtype=torch.float32)
-        return self._t[:n].view(shape)
-
-
-def _logits(model, chunks: np.ndarray, start: int = 0, buffer: LogitsBuffer | None = None) -> np.ndarray:
+def _logits(model, chunks: np.ndarray, start: int = 0, buffer=None) -> np.ndarray:
     """Float32 logits of positions start..C-1 of one chunk (C,) -> (C - start, V), or of
     several evaluated together (B, C) -> (B, C - start, V).
 
-    With a ``buffer`` the result lives in it: use it before the buffer's next call.
+    With a ``buffer`` (an evalkit.model.Workspace) the result lives in its "logits"
+    buffer, reused from call to call (fresh logits pages cost a quarter of the output
+    projection's time): use it before the buffer's next call.
     """
     import torch
     shape = (*chunks.shape[:-1], chunks.shape[-1] - start, model.config.n_vocab)
-    out = buffer.view(shape) if buffer is not None else None
+    out = buffer("logits", *shape) if buffer is not None else None
     # no_grad rather than inference_mode: the model's reusable buffers must stay ordinary tensors
     with torch.no_grad():
         z = model.forward(torch.from_numpy(chunks.astype(np.int64)), logits_start=start, out=out)
@@ -326,7 +312,8 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
         bar = tqdm(total=len(todo), desc=f"{cfg.name}: chunks", unit="chunk", disable=not progress)
         # Several chunks per forward call (llama-perplexity's n_batch / n_ctx sequences):
         # larger GEMMs, and each weight is read once for all of them.
-        base_buf, variant_buf = LogitsBuffer(), LogitsBuffer()    # the variants take turns in one
+        from evalkit.model import Workspace
+        base_buf, variant_buf = Workspace(), Workspace()    # the variants take turns in one
         for group in batched(todo, chunks_per_batch(cfg.batch, n_ctx)):
             idx = np.asarray(group)
             arrays: dict[int, dict[str, np.ndarray]] = {}

@@ -90,11 +90,10 @@ class Rope(nn.Module):
             x0, x1 = x[..., :n // 2], x[..., n // 2:n]                     # (B, T, h, n/2) each
         else:
             x0, x1 = x[..., :n].unflatten(-1, (-1, 2)).unbind(-1)          # even, odd dims
-        a, b = x0 * cos, x1 * sin
-        b1 = x1 * cos
-        b1.add_(x0 * sin)
-        x0.copy_(a.sub_(b))
-        x1.copy_(b1)
+        re = (x0 * cos).sub_(x1 * sin)                                    # a cos - b sin
+        im = (x1 * cos).add_(x0 * sin)                                    # b cos + a sin
+        x0.copy_(re)
+        x1.copy_(im)
         return x
 
 
@@ -189,7 +188,8 @@ class Block(nn.Module):
 
 
 class Workspace:
-    """Float32 activation buffers of one forward call, reused by every block.
+    """Named float32 buffers, grown as needed and reused: one forward call's activations
+    (reused by every block), or the logits of successive calls (evalkit run, perplexity).
 
     A fresh multi-MiB tensor per operation costs page faults and cold caches (about a
     tenth of the GEMM time on CPU); one buffer per role, reused 30-odd times, does not.
