@@ -47,6 +47,12 @@ def _load() -> ctypes.CDLL:
     lib.ek_quantize.restype = ci
     lib.ek_dequantize.argtypes = [ci, vp, vp, i64, i64, ci, ci]
     lib.ek_dequantize.restype = ci
+    lib.ek_dequantize_team.argtypes = [ci, vp, vp, i64, i64, ci, ci, vp]
+    lib.ek_dequantize_team.restype = ci
+    lib.ek_has_causal_attention.argtypes = [i64]
+    lib.ek_has_causal_attention.restype = ci
+    lib.ek_causal_attention.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp]
+    lib.ek_causal_attention.restype = ci
     return lib
 
 

@@ -6,6 +6,7 @@
 #include <pthread.h>
 #include <stdlib.h>
 #include "ek_common.h"
+#include "ek_team.h"
 
 #define EK_DECLARE(name)                                                              \
     void ek_quantize_row_##name(const float *, uint8_t *, int64_t, const float *, int) \
@@ -154,4 +155,29 @@ int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t
     if (nrows < 0 || (nrows > 0 && (!q || !out))) return EK_ERR_BAD_ARGUMENT;
     ek_job job = {f, NULL, q, out, NULL, 0, 0, n, rb, NULL, variant};
     return ek_parallel(&job, nrows, nthreads, ek_run_dequantize);
+}
+
+/* Rows per work item of ek_dequantize_team: enough to amortise the claim, small enough
+ * to balance two threads on a SmolLM2-sized tile. */
+#define EK_TEAM_ROWS 32
+
+static void ek_dequantize_item(void *ctx, int64_t i, int slot) {
+    (void)slot;
+    const ek_job *j = (const ek_job *)ctx;
+    int64_t r1 = (i + 1) * EK_TEAM_ROWS < j->row1 ? (i + 1) * EK_TEAM_ROWS : j->row1;
+    for (int64_t r = i * EK_TEAM_ROWS; r < r1; ++r)
+        j->fmt->dequantize(j->q + r * j->row_bytes, j->xout + r * j->n, j->n, j->flags);
+}
+
+int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int variant,
+                       int nthreads, ek_team_runner runner) {
+    const ek_format *f = ek_lookup(type);
+    if (!f) return EK_ERR_UNKNOWN_TYPE;
+    if (!f->dequantize) return EK_ERR_NOT_IMPLEMENTED;
+    int64_t rb = ek_row_size(type, n);
+    if (rb < 0) return (int)rb;
+    if (nrows < 0 || (nrows > 0 && (!q || !out))) return EK_ERR_BAD_ARGUMENT;
+    ek_job job = {f, NULL, q, out, NULL, 0, nrows, n, rb, NULL, variant};
+    ek_run_items(ek_dequantize_item, &job, (nrows + EK_TEAM_ROWS - 1) / EK_TEAM_ROWS, nthreads, runner);
+    return EK_OK;
 }

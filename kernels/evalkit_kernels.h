@@ -69,6 +69,25 @@ int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n
 int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n_per_row,
                   int nthreads, int variant);
 
+/* A thread-team runner with the signature of GOMP_parallel (libgomp / LLVM libomp):
+ * runs body(data) on nthreads threads of the caller's team and returns when all are
+ * done. Passing torch's lets evalkit's parallel work use torch's own (spinning)
+ * threads instead of competing with them; NULL means pthreads of our own. */
+typedef void (*ek_team_runner)(void (*body)(void *), void *data, unsigned nthreads, unsigned flags);
+
+/* ek_dequantize with the rows split over nthreads threads of the runner's team. */
+int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n_per_row,
+                       int variant, int nthreads, ek_team_runner runner);
+
+/* Causal grouped-query attention, float32 (kernels/attention.c): q, out (B, T, H, D) and
+ * k, v (B, T, Hkv, D), contiguous; only positions t >= q_from are computed and out holds
+ * T - q_from positions. Returns EK_ERR_NOT_IMPLEMENTED where ek_has_causal_attention(D)
+ * is 0 (no AVX-512F, or D not a multiple of 16). */
+int ek_has_causal_attention(int64_t head_dim);
+int ek_causal_attention(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t T,
+                        int64_t H, int64_t Hkv, int64_t D, int64_t q_from, float scale, int nthreads,
+                        ek_team_runner runner);
+
 /* fp16 / bf16 helpers (round to nearest even, as F16C with immediate 0). */
 uint16_t ek_fp32_to_fp16(float f);
 float ek_fp16_to_fp32(uint16_t h);

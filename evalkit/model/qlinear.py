@@ -16,10 +16,10 @@ F32 weights are multiplied in place (a float32 view of the bytes). F16/BF16 tile
 widened by torch, which is exact (every half/bfloat16 value is a float32), so it gives
 the same values as the C converters, only vectorised.
 
-Threads: each tile is dequantized on the calling thread (SIMD, a few percent of the
-tile's GEMM) and multiplied by torch's GEMM with all of torch's threads. Earlier versions
-split the rows over single-threaded workers; next to torch's spinning OpenMP threads that
-was up to 40 % slower in the forward pass (see bench/forward.py).
+Threads: each tile is dequantized by the C kernels on torch's own OpenMP team (see
+:mod:`evalkit.model.team`: torch's threads are spinning anyway, and threads of our own
+beside them would run at half speed), then multiplied by torch's GEMM on the same team.
+Off the main thread the dequantization runs on the calling thread alone.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ from torch import nn
 from evalkit import _kernels
 from evalkit.codec import DEQUANT_VARIANTS
 from evalkit.formats import FORMATS_BY_ID, QuantFormat, get_format
+from evalkit.model.team import team
 
 __all__ = ["qlinear", "qlinear_out", "qembedding", "QLinear", "QEmbedding", "packed_tensor", "tile_rows_for",
            "TILE_ELEMENTS"]
@@ -70,11 +71,6 @@ def tile_rows_for(n_per_row: int, n_rows: int) -> int:
     return -(-n_rows // n_tiles)
 
 
-def _dequant_threads() -> int:
-    """Threads for dequantizing outside the matmul (QLinear.dequantized): torch's count."""
-    return max(1, torch.get_num_threads())
-
-
 def _fmt(type_id: int) -> QuantFormat:
     fmt = FORMATS_BY_ID.get(int(type_id))
     if fmt is None:
@@ -97,8 +93,9 @@ def _check_packed(w: torch.Tensor, fmt: QuantFormat, n_per_row: int, what: str) 
 
 
 def _dequantize_rows(w: torch.Tensor, fmt: QuantFormat, n: int, out: torch.Tensor, variant: int,
-                     nthreads: int) -> None:
-    """Dequantize all rows of the packed (contiguous) ``w`` into the contiguous float32 ``out``."""
+                     nthreads: int = 1, runner: int | None = None) -> None:
+    """Dequantize all rows of the packed (contiguous) ``w`` into the contiguous float32 ``out``,
+    on ``nthreads`` threads of the team ``runner`` (:func:`evalkit.model.team.team`)."""
     rows = w.shape[0]
     if rows == 0:
         return
@@ -107,7 +104,8 @@ def _dequantize_rows(w: torch.Tensor, fmt: QuantFormat, n: int, out: torch.Tenso
     elif fmt.type_id in _TORCH_FLOAT:
         out.view(rows, n).copy_(w.view(_TORCH_FLOAT[fmt.type_id]))
     else:
-        rc = _kernels.lib.ek_dequantize(fmt.type_id, w.data_ptr(), out.data_ptr(), rows, n, nthreads, variant)
+        rc = _kernels.lib.ek_dequantize_team(fmt.type_id, w.data_ptr(), out.data_ptr(), rows, n, variant,
+                                             nthreads, runner)
         if rc != 0:
             raise RuntimeError(f"dequantize {fmt.name}: {_kernels.status_message(rc)}")
 
@@ -137,13 +135,11 @@ def _matmul_into(x2: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, n_per_row:
             return
     tile = tile_rows_for(n_per_row, out_rows)
     buf = _scratch(tile * n_per_row)
+    nthreads, runner = team()
     for r0 in range(0, out_rows, tile):
         r1 = min(out_rows, r0 + tile)
         wt = buf[:(r1 - r0) * n_per_row].view(r1 - r0, n_per_row)
-        # On the calling thread: the GEMM's OpenMP threads keep spinning for a while after
-        # each product, and C threads started next to them run at half speed (measured:
-        # the 2-thread Q4_1 forward 15-40 % slower with 2 dequantizing threads).
-        _dequantize_rows(w[r0:r1], fmt, n_per_row, wt, variant, 1)
+        _dequantize_rows(w[r0:r1], fmt, n_per_row, wt, variant, nthreads, runner)
         # The output slice has strides (out_rows, 1): BLAS writes it in place (ldc).
         torch.mm(x2, wt.t(), out=out[:, r0:r1])
 
@@ -285,7 +281,7 @@ class QLinear(nn.Module):
         """The full float32 weight (out_features, in_features); for tests and small layers only."""
         fmt = get_format(self.type_id)
         out = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
-        _dequantize_rows(self.weight, fmt, self.in_features, out, self.variant, _dequant_threads())
+        _dequantize_rows(self.weight, fmt, self.in_features, out, self.variant, *team())
         return out
 
     def extra_repr(self) -> str:
