@@ -372,9 +372,30 @@ void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
+#ifdef EK_HAVE_AVX512_DISPATCH
+static EK_TARGET_AVX512 void q4_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+    const __m128i lo = _mm_set1_epi8(0x0F);
+    const __m512i eight = _mm512_set1_epi32(8);
+    for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
+        const __m512 d = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 2));
+        const __m512i q0 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(qs, lo)), eight);
+        const __m512i q1 = _mm512_sub_epi32(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), lo)), eight);
+        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d));
+        _mm512_storeu_ps(x + QK / 2, _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d));
+    }
+}
+#endif
+
 void ek_dequantize_row_q4_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_AVX512_DISPATCH
+    if (ek_cpu_avx512()) {
+        q4_0_row_avx512(y, x, nb);
+        return;
+    }
+#endif
 #ifdef EK_HAVE_SSE2
     /* (float)(q - 8) * d: the int subtraction, an exact conversion, one mulps */
     const __m128i eight = _mm_set1_epi8(8);
@@ -442,9 +463,30 @@ void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
+#ifdef EK_HAVE_AVX512_DISPATCH
+static EK_TARGET_AVX512 void q4_1_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+    const __m128i lo = _mm_set1_epi8(0x0F);
+    for (int64_t ib = 0; ib < nb; ++ib, y += 20, x += QK) {
+        const __m512 d = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m512 m = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y + 2)));
+        const __m128i qs = _mm_loadu_si128((const __m128i *)(y + 4));
+        const __m512 q0 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(qs, lo)));
+        const __m512 q1 = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(qs, 4), lo)));
+        _mm512_storeu_ps(x, _mm512_add_ps(_mm512_mul_ps(q0, d), m));
+        _mm512_storeu_ps(x + QK / 2, _mm512_add_ps(_mm512_mul_ps(q1, d), m));
+    }
+}
+#endif
+
 void ek_dequantize_row_q4_1(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_AVX512_DISPATCH
+    if (ek_cpu_avx512()) {
+        q4_1_row_avx512(y, x, nb);
+        return;
+    }
+#endif
 #ifdef EK_HAVE_SSE2
     /* mulps then addps: the scalar (float)q * d + m, rounded twice, bit for bit */
     for (int64_t ib = 0; ib < nb; ++ib, y += 20, x += QK) {
@@ -670,9 +712,27 @@ void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
+#ifdef EK_HAVE_AVX512_DISPATCH
+static EK_TARGET_AVX512 void q8_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+    for (int64_t ib = 0; ib < nb; ++ib, y += 34, x += QK) {
+        const __m512 d = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
+        const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(y + 2)));
+        const __m512i q1 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(y + 18)));
+        _mm512_storeu_ps(x, _mm512_mul_ps(_mm512_cvtepi32_ps(q0), d));
+        _mm512_storeu_ps(x + 16, _mm512_mul_ps(_mm512_cvtepi32_ps(q1), d));
+    }
+}
+#endif
+
 void ek_dequantize_row_q8_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
+#ifdef EK_HAVE_AVX512_DISPATCH
+    if (ek_cpu_avx512()) {
+        q8_0_row_avx512(y, x, nb);
+        return;
+    }
+#endif
 #ifdef EK_HAVE_SSE2
     /* (float)(int8)q * d: exact sign extension and conversion, one mulps */
     for (int64_t ib = 0; ib < nb; ++ib, y += 34, x += QK) {
