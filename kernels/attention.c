@@ -25,6 +25,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include "ek_avx512.h"
 #include "ek_team.h"
 
 #define QB 32   /* query positions per work item */
@@ -43,29 +44,7 @@ typedef struct {
     float *scratch;
 } attn_ctx;
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define EK_AVX512 __attribute__((target("avx512f")))
-
-/* e^x, about 1 ulp (Cephes expf): x = n ln2 + r, |r| <= ln2/2, e^r by a degree-6
- * polynomial, times 2^n with vscalefps. Inputs below -87.3 give ~1e-38 (never used
- * for more than a weight next to a max of 1); NaN stays NaN. */
-static EK_AVX512 inline __attribute__((always_inline)) __m512 ek_exp512(__m512 x) {
-    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);      /* NaN in the second operand is kept */
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
+#ifdef EK_HAVE_AVX512_KERNELS
 /* S[s][r0 .. r0+31] = sum_d qt[d][r0 ..] * k_s[d] for KG keys at stride ks. */
 static EK_AVX512 inline __attribute__((always_inline)) void qk_tile8(const float *qt, int64_t rp, int64_t r0, const float *k0, int64_t ks,
                                       int64_t D, float *st) {
@@ -210,13 +189,10 @@ static EK_AVX512 void attn_item_avx512(void *vctx, int64_t item, int slot) {
     }
 }
 
-static int have_avx512(void) { return __builtin_cpu_supports("avx512f"); }
-#else
-static int have_avx512(void) { return 0; }
 #endif
 
 int ek_has_causal_attention(int64_t head_dim) {
-    return head_dim > 0 && head_dim % 16 == 0 && have_avx512();
+    return head_dim > 0 && head_dim % 16 == 0 && ek_have_avx512();
 }
 
 int ek_causal_attention(const float *q, const float *k, const float *v, float *out, int64_t B, int64_t T,
@@ -227,7 +203,7 @@ int ek_causal_attention(const float *q, const float *k, const float *v, float *o
     if (B > 0 && (!q || !k || !v || !out)) return EK_ERR_BAD_ARGUMENT;
     if (!ek_has_causal_attention(D)) return EK_ERR_NOT_IMPLEMENTED;
     if (B == 0) return EK_OK;
-#if defined(__x86_64__) && defined(__GNUC__)
+#ifdef EK_HAVE_AVX512_KERNELS
     if (nthreads < 1) nthreads = 1;
     attn_ctx c;
     c.q = q; c.k = k; c.v = v; c.out = out;

@@ -138,14 +138,9 @@ static inline void ek_sse_iq4nl_block(float *x, const uint8_t *q, __m128i add, _
 }
 
 #endif /* __SSE2__ */
-/* AVX-512F, chosen at run time (no -march): the legacy dequantizers widen 16 codes per
- * instruction. Same IEEE operations in the same order as the scalar code (mul, then
- * add; never FMA), so the output is bit-identical. */
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define EK_HAVE_AVX512_DISPATCH 1
-#define EK_TARGET_AVX512 __attribute__((target("avx512f")))
-static inline int ek_cpu_avx512(void) { return __builtin_cpu_supports("avx512f"); }
-#endif
+/* AVX-512F, chosen at run time (no -march; ek_avx512.h): the legacy dequantizers widen
+ * 16 codes per instruction, with the same IEEE operations in the same order as the
+ * scalar code (mul, then add; never FMA), so the output is bit-identical. */
+#include "ek_avx512.h"
 
 #endif /* EK_SIMD_H */

@@ -372,8 +372,8 @@ void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
-#ifdef EK_HAVE_AVX512_DISPATCH
-static EK_TARGET_AVX512 void q4_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+#ifdef EK_HAVE_AVX512_KERNELS
+static EK_AVX512 void q4_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
     const __m128i lo = _mm_set1_epi8(0x0F);
     const __m512i eight = _mm512_set1_epi32(8);
     for (int64_t ib = 0; ib < nb; ++ib, y += 18, x += QK) {
@@ -390,8 +390,8 @@ static EK_TARGET_AVX512 void q4_0_row_avx512(const uint8_t *y, float *x, int64_t
 void ek_dequantize_row_q4_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
-#ifdef EK_HAVE_AVX512_DISPATCH
-    if (ek_cpu_avx512()) {
+#ifdef EK_HAVE_AVX512_KERNELS
+    if (ek_have_avx512()) {
         q4_0_row_avx512(y, x, nb);
         return;
     }
@@ -463,8 +463,8 @@ void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
-#ifdef EK_HAVE_AVX512_DISPATCH
-static EK_TARGET_AVX512 void q4_1_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+#ifdef EK_HAVE_AVX512_KERNELS
+static EK_AVX512 void q4_1_row_avx512(const uint8_t *y, float *x, int64_t nb) {
     const __m128i lo = _mm_set1_epi8(0x0F);
     for (int64_t ib = 0; ib < nb; ++ib, y += 20, x += QK) {
         const __m512 d = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
@@ -481,8 +481,8 @@ static EK_TARGET_AVX512 void q4_1_row_avx512(const uint8_t *y, float *x, int64_t
 void ek_dequantize_row_q4_1(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
-#ifdef EK_HAVE_AVX512_DISPATCH
-    if (ek_cpu_avx512()) {
+#ifdef EK_HAVE_AVX512_KERNELS
+    if (ek_have_avx512()) {
         q4_1_row_avx512(y, x, nb);
         return;
     }
@@ -712,8 +712,8 @@ void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw
     }
 }
 
-#ifdef EK_HAVE_AVX512_DISPATCH
-static EK_TARGET_AVX512 void q8_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
+#ifdef EK_HAVE_AVX512_KERNELS
+static EK_AVX512 void q8_0_row_avx512(const uint8_t *y, float *x, int64_t nb) {
     for (int64_t ib = 0; ib < nb; ++ib, y += 34, x += QK) {
         const __m512 d = _mm512_set1_ps(ek_fp16_to_fp32_inl(ek_rd16(y)));
         const __m512i q0 = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(y + 2)));
@@ -727,8 +727,8 @@ static EK_TARGET_AVX512 void q8_0_row_avx512(const uint8_t *y, float *x, int64_t
 void ek_dequantize_row_q8_0(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     const int64_t nb = n / QK;
-#ifdef EK_HAVE_AVX512_DISPATCH
-    if (ek_cpu_avx512()) {
+#ifdef EK_HAVE_AVX512_KERNELS
+    if (ek_have_avx512()) {
         q8_0_row_avx512(y, x, nb);
         return;
     }

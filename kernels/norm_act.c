@@ -7,11 +7,12 @@
  * RMS norm follows ggml's rms_norm + mul: the squares are float products summed in
  * double (8 double lanes here, one running sum in ggml), mean = (float)(sum / n),
  * scale = 1 / sqrtf(mean + eps), y = (x * scale) * w with two roundings.
- * SwiGLU: y = g / (1 + e^-g) * u, e^x as in attention.c (about 1 ulp).
+ * SwiGLU: y = g / (1 + e^-g) * u, e^x from ek_avx512.h (about 1 ulp).
  *
  * Without AVX-512F the entry points return EK_ERR_NOT_IMPLEMENTED and the caller uses
  * torch. */
 #include <math.h>
+#include "ek_avx512.h"
 #include "ek_team.h"
 
 typedef struct {
@@ -30,27 +31,7 @@ typedef struct {
 #define NORM_ROWS 16          /* rows per work item */
 #define SWIGLU_CHUNK 16384    /* elements per work item (a multiple of 16) */
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#define EK_AVX512 __attribute__((target("avx512f")))
-
-static EK_AVX512 inline __attribute__((always_inline)) __m512 ek_exp512_na(__m512 x) {
-    /* same as attention.c's ek_exp512 */
-    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), x);
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
-}
-
+#ifdef EK_HAVE_AVX512_KERNELS
 static EK_AVX512 void norm_item(void *vctx, int64_t item, int slot) {
     (void)slot;
     const norm_ctx *c = (const norm_ctx *)vctx;
@@ -86,32 +67,29 @@ static EK_AVX512 void swiglu_item(void *vctx, int64_t item, int slot) {
     int64_t j = j0;
     for (; j + 16 <= j1; j += 16) {
         const __m512 g = _mm512_loadu_ps(c->g + j);
-        const __m512 e = ek_exp512_na(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 e = ek_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         _mm512_storeu_ps(c->out + j, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)), _mm512_loadu_ps(c->u + j)));
     }
     if (j < j1) {
         const __mmask16 m = (__mmask16)((1u << (j1 - j)) - 1);
         const __m512 g = _mm512_maskz_loadu_ps(m, c->g + j);
-        const __m512 e = ek_exp512_na(_mm512_sub_ps(_mm512_setzero_ps(), g));
+        const __m512 e = ek_exp512(_mm512_sub_ps(_mm512_setzero_ps(), g));
         _mm512_mask_storeu_ps(c->out + j, m, _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(one, e)),
                                                           _mm512_maskz_loadu_ps(m, c->u + j)));
     }
 }
 
-static int have_avx512(void) { return __builtin_cpu_supports("avx512f"); }
-#else
-static int have_avx512(void) { return 0; }
 #endif
 
-int ek_has_norm_act(void) { return have_avx512(); }
+int ek_has_norm_act(void) { return ek_have_avx512(); }
 
 int ek_rms_norm(const float *x, const float *w, float *out, int64_t outer, int64_t inner, int64_t n,
                 int64_t x_outer_stride, int64_t x_inner_stride, float eps, int nthreads, ek_team_runner runner) {
     if (outer < 0 || inner < 0 || n <= 0) return EK_ERR_BAD_ARGUMENT;
     if (outer * inner == 0) return EK_OK;
     if (!x || !w || !out) return EK_ERR_BAD_ARGUMENT;
-    if (!have_avx512()) return EK_ERR_NOT_IMPLEMENTED;
-#if defined(__x86_64__) && defined(__GNUC__)
+    if (!ek_have_avx512()) return EK_ERR_NOT_IMPLEMENTED;
+#ifdef EK_HAVE_AVX512_KERNELS
     const int64_t rows = outer * inner;
     norm_ctx c = {x, w, out, n, rows, inner, x_outer_stride, x_inner_stride, eps};
     ek_run_items(norm_item, &c, (rows + NORM_ROWS - 1) / NORM_ROWS, nthreads, runner);
@@ -126,8 +104,8 @@ int ek_swiglu(const float *g, const float *u, float *out, int64_t n, int nthread
     if (n < 0) return EK_ERR_BAD_ARGUMENT;
     if (n == 0) return EK_OK;
     if (!g || !u || !out) return EK_ERR_BAD_ARGUMENT;
-    if (!have_avx512()) return EK_ERR_NOT_IMPLEMENTED;
-#if defined(__x86_64__) && defined(__GNUC__)
+    if (!ek_have_avx512()) return EK_ERR_NOT_IMPLEMENTED;
+#ifdef EK_HAVE_AVX512_KERNELS
     swiglu_ctx c = {g, u, out, n};
     ek_run_items(swiglu_item, &c, (n + SWIGLU_CHUNK - 1) / SWIGLU_CHUNK, nthreads, runner);
     return EK_OK;
