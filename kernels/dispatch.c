@@ -1,10 +1,9 @@
-/* The format table and the multi-threaded row driver.
+/* The format table and the row drivers (rows split into items run by team.c).
  *
  * Each format's kernels live in their own source file and are referenced here as
  * weak symbols, so a partial build (e.g. while a format is being written) links
  * and simply reports the missing kernel as EK_ERR_NOT_IMPLEMENTED. */
 #include <pthread.h>
-#include <stdlib.h>
 #include "ek_common.h"
 #include "ek_team.h"
 
@@ -91,93 +90,65 @@ typedef struct {
     const uint8_t *q;
     float *xout;
     uint8_t *qout;
-    int64_t row0, row1, n, row_bytes;
+    int64_t nrows, n, row_bytes;
     const float *imatrix;
     int flags;
 } ek_job;
 
-static void *ek_run_quantize(void *arg) {
-    ek_job *j = (ek_job *)arg;
-    for (int64_t r = j->row0; r < j->row1; ++r)
+/* Rows per work item: enough to amortise claiming an item, small enough to balance two
+ * threads on a SmolLM2-sized tile. Rows never interact, so any split gives the same bytes. */
+#define EK_ITEM_ROWS 32
+
+static void ek_quantize_item(void *ctx, int64_t i, int slot) {
+    (void)slot;
+    const ek_job *j = (const ek_job *)ctx;
+    const int64_t r1 = (i + 1) * EK_ITEM_ROWS < j->nrows ? (i + 1) * EK_ITEM_ROWS : j->nrows;
+    for (int64_t r = i * EK_ITEM_ROWS; r < r1; ++r)
         j->fmt->quantize(j->x + r * j->n, j->qout + r * j->row_bytes, j->n, j->imatrix, j->flags);
-    return NULL;
 }
-
-static void *ek_run_dequantize(void *arg) {
-    ek_job *j = (ek_job *)arg;
-    for (int64_t r = j->row0; r < j->row1; ++r)
-        j->fmt->dequantize(j->q + r * j->row_bytes, j->xout + r * j->n, j->n, j->flags);
-    return NULL;
-}
-
-/* Split rows into nthreads contiguous ranges; the calling thread runs the first. */
-static int ek_parallel(ek_job *proto, int64_t nrows, int nthreads, void *(*fn)(void *)) {
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > nrows) nthreads = (int)(nrows > 0 ? nrows : 1);
-    if (nthreads > 256) nthreads = 256;
-    ek_job jobs[256];
-    pthread_t tids[256];
-    int started[256] = {0};
-    for (int t = 0; t < nthreads; ++t) {
-        jobs[t] = *proto;
-        jobs[t].row0 = nrows * t / nthreads;
-        jobs[t].row1 = nrows * (t + 1) / nthreads;
-    }
-    for (int t = 1; t < nthreads; ++t)
-        started[t] = pthread_create(&tids[t], NULL, fn, &jobs[t]) == 0;
-    fn(&jobs[0]);
-    /* a thread that could not be started runs its rows here */
-    for (int t = 1; t < nthreads; ++t) {
-        if (started[t]) pthread_join(tids[t], NULL);
-        else fn(&jobs[t]);
-    }
-    return EK_OK;
-}
-
-int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n, const float *imatrix,
-                int nthreads, int flags) {
-    const ek_format *f = ek_lookup(type);
-    if (!f) return EK_ERR_UNKNOWN_TYPE;
-    if (!f->quantize) return EK_ERR_NOT_IMPLEMENTED;
-    int64_t rb = ek_row_size(type, n);
-    if (rb < 0) return (int)rb;
-    if (nrows < 0 || (nrows > 0 && (!x || !out))) return EK_ERR_BAD_ARGUMENT;
-    ek_job job = {f, x, NULL, NULL, out, 0, 0, n, rb, imatrix, flags};
-    return ek_parallel(&job, nrows, nthreads, ek_run_quantize);
-}
-
-int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int nthreads, int variant) {
-    const ek_format *f = ek_lookup(type);
-    if (!f) return EK_ERR_UNKNOWN_TYPE;
-    if (!f->dequantize) return EK_ERR_NOT_IMPLEMENTED;
-    int64_t rb = ek_row_size(type, n);
-    if (rb < 0) return (int)rb;
-    if (nrows < 0 || (nrows > 0 && (!q || !out))) return EK_ERR_BAD_ARGUMENT;
-    ek_job job = {f, NULL, q, out, NULL, 0, 0, n, rb, NULL, variant};
-    return ek_parallel(&job, nrows, nthreads, ek_run_dequantize);
-}
-
-/* Rows per work item of ek_dequantize_team: enough to amortise the claim, small enough
- * to balance two threads on a SmolLM2-sized tile. */
-#define EK_TEAM_ROWS 32
 
 static void ek_dequantize_item(void *ctx, int64_t i, int slot) {
     (void)slot;
     const ek_job *j = (const ek_job *)ctx;
-    int64_t r1 = (i + 1) * EK_TEAM_ROWS < j->row1 ? (i + 1) * EK_TEAM_ROWS : j->row1;
-    for (int64_t r = i * EK_TEAM_ROWS; r < r1; ++r)
+    const int64_t r1 = (i + 1) * EK_ITEM_ROWS < j->nrows ? (i + 1) * EK_ITEM_ROWS : j->nrows;
+    for (int64_t r = i * EK_ITEM_ROWS; r < r1; ++r)
         j->fmt->dequantize(j->q + r * j->row_bytes, j->xout + r * j->n, j->n, j->flags);
+}
+
+/* The format (or NULL with *rc set) for a call on nrows rows of n elements. */
+static const ek_format *ek_checked(int type, int64_t n, int64_t nrows, const void *src, const void *dst,
+                                   int want_quantize, int64_t *row_bytes, int *rc) {
+    const ek_format *f = ek_lookup(type);
+    *rc = EK_OK;
+    if (!f) *rc = EK_ERR_UNKNOWN_TYPE;
+    else if (want_quantize ? !f->quantize : !f->dequantize) *rc = EK_ERR_NOT_IMPLEMENTED;
+    else if ((*row_bytes = ek_row_size(type, n)) < 0) *rc = (int)*row_bytes;
+    else if (nrows < 0 || (nrows > 0 && (!src || !dst))) *rc = EK_ERR_BAD_ARGUMENT;
+    return *rc == EK_OK ? f : NULL;
+}
+
+int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n, const float *imatrix,
+                int nthreads, int flags) {
+    int64_t rb;
+    int rc;
+    const ek_format *f = ek_checked(type, n, nrows, x, out, 1, &rb, &rc);
+    if (!f) return rc;
+    ek_job job = {f, x, NULL, NULL, out, nrows, n, rb, imatrix, flags};
+    ek_run_items(ek_quantize_item, &job, (nrows + EK_ITEM_ROWS - 1) / EK_ITEM_ROWS, nthreads, NULL);
+    return EK_OK;
 }
 
 int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int variant,
                        int nthreads, ek_team_runner runner) {
-    const ek_format *f = ek_lookup(type);
-    if (!f) return EK_ERR_UNKNOWN_TYPE;
-    if (!f->dequantize) return EK_ERR_NOT_IMPLEMENTED;
-    int64_t rb = ek_row_size(type, n);
-    if (rb < 0) return (int)rb;
-    if (nrows < 0 || (nrows > 0 && (!q || !out))) return EK_ERR_BAD_ARGUMENT;
-    ek_job job = {f, NULL, q, out, NULL, 0, nrows, n, rb, NULL, variant};
-    ek_run_items(ek_dequantize_item, &job, (nrows + EK_TEAM_ROWS - 1) / EK_TEAM_ROWS, nthreads, runner);
+    int64_t rb;
+    int rc;
+    const ek_format *f = ek_checked(type, n, nrows, q, out, 0, &rb, &rc);
+    if (!f) return rc;
+    ek_job job = {f, NULL, q, out, NULL, nrows, n, rb, NULL, variant};
+    ek_run_items(ek_dequantize_item, &job, (nrows + EK_ITEM_ROWS - 1) / EK_ITEM_ROWS, nthreads, runner);
     return EK_OK;
+}
+
+int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int nthreads, int variant) {
+    return ek_dequantize_team(type, q, out, nrows, n, variant, nthreads, NULL);
 }
