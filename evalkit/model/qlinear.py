@@ -244,7 +244,22 @@ def _variant_id(variant: str | int) -> int:
     return int(variant)
 
 
-class QLinear(nn.Module):
+class _PackedWeight(nn.Module):
+    """A weight kept as packed ggml rows: ``weight`` is the uint8 tensor (rows, row_bytes), a
+    buffer (never a parameter), checked against its type and row length."""
+
+    def __init__(self, packed, type_name: str | int, n_per_row: int, variant: str | int):
+        super().__init__()
+        fmt = get_format(type_name)
+        w = packed_tensor(packed)
+        _check_packed(w, fmt, n_per_row, f"{type(self).__name__}({fmt.name})")
+        self.type_id = fmt.type_id
+        self.type_name = fmt.name
+        self.variant = _variant_id(variant)
+        self.register_buffer("weight", w, persistent=False)
+
+
+class QLinear(_PackedWeight):
     """A bias-optional linear layer whose weight stays packed in a ggml type.
 
     ``weight`` is the packed uint8 tensor (out_features, row_bytes) (a buffer, never a
@@ -253,16 +268,9 @@ class QLinear(nn.Module):
 
     def __init__(self, packed, type_name: str | int, in_features: int, bias: torch.Tensor | None = None,
                  variant: str | int = "inference"):
-        super().__init__()
-        fmt = get_format(type_name)
-        w = packed_tensor(packed)
-        _check_packed(w, fmt, in_features, f"QLinear({fmt.name})")
-        self.type_id = fmt.type_id
-        self.type_name = fmt.name
+        super().__init__(packed, type_name, in_features, variant)
         self.in_features = int(in_features)
-        self.out_features = int(w.shape[0])
-        self.variant = _variant_id(variant)
-        self.register_buffer("weight", w, persistent=False)
+        self.out_features = int(self.weight.shape[0])
         if bias is not None:
             bias = torch.as_tensor(bias, dtype=torch.float32).reshape(-1)
             if bias.numel() != self.out_features:
@@ -289,20 +297,13 @@ class QLinear(nn.Module):
                 f"bias={self.bias is not None}")
 
 
-class QEmbedding(nn.Module):
+class QEmbedding(_PackedWeight):
     """Token-embedding table kept packed; a lookup dequantizes only the requested rows."""
 
     def __init__(self, packed, type_name: str | int, embedding_dim: int, variant: str | int = "to_float"):
-        super().__init__()
-        fmt = get_format(type_name)
-        w = packed_tensor(packed)
-        _check_packed(w, fmt, embedding_dim, f"QEmbedding({fmt.name})")
-        self.type_id = fmt.type_id
-        self.type_name = fmt.name
+        super().__init__(packed, type_name, embedding_dim, variant)
         self.embedding_dim = int(embedding_dim)
-        self.num_embeddings = int(w.shape[0])
-        self.variant = _variant_id(variant)
-        self.register_buffer("weight", w, persistent=False)
+        self.num_embeddings = int(self.weight.shape[0])
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) int64 -> (..., embedding_dim) float32."""
