@@ -6,7 +6,7 @@ import pytest
 
 import evalkit
 from evalkit.formats import FORMATS, get_format
-from test_golden_quant import TYPES
+from test_golden_quant import TYPES   # every quantized type with golden vectors
 
 rng = np.random.default_rng(1234)
 

@@ -1,13 +1,13 @@
 """Trellis types IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT (spec iqk-formats.md section 14)
 against the golden vectors of the reference (ik_llama.cpp 8337e4cd3, -ffp-contract=off):
 
-* ``.deq`` bit for bit from ``.q`` (CPU to_float);
-* ``.q`` byte for byte from the inputs (the KT quantizer, whose reference search is
-  AVX2-only; the kernels reproduce its lane order and FMAs in portable C);
+* ``.deq`` bit for bit from ``.q`` (CPU to_float) and ``.q`` byte for byte from the inputs
+  are checked with every other type in test_golden_quant.py (the KT quantizer's reference
+  search is AVX2-only; the kernels reproduce its lane order and FMAs in portable C);
 * the "inference" variant (row scale x 1.05 for IQ2_KT, x 1.01 for IQ3_KT, x 1 otherwise)
   against an independent numpy decoding of the golden bytes from the spec layout;
-* robustness: random bytes decode without crashing, edge inputs quantize, thread count
-  does not change bytes.
+* robustness: random bytes decode without crashing, edge inputs quantize (thread
+  independence for every type is in test_codec_api.py).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 
 import evalkit
 from evalkit.formats import get_format
-from golden_quant import case_inputs, golden, manifest
+from golden_quant import golden, manifest
 
 KT_TYPES = ["IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT"]
 CASES = manifest()["cases"]
@@ -97,40 +97,6 @@ def _bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("type_name", KT_TYPES)
-def test_kt_dequantize_matches_golden(type_name, case):
-    g = golden(type_name)
-    q, want = g[f"{case}.q"], g[f"{case}.deq"]
-    got = evalkit.dequantize(q, type_name, want.shape[1], threads=1)
-    same = got.view(np.uint32) == want.view(np.uint32)
-    if not same.all():
-        r, c = np.argwhere(~same)[0]
-        pytest.fail(f"{type_name} {case}: {int((~same).sum())} values differ; first at row {r}, "
-                    f"column {c}: got {got[r, c]!r}, want {want[r, c]!r}")
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("type_name", KT_TYPES)
-def test_kt_quantize_matches_golden(type_name, case):
-    fmt = get_format(type_name)
-    assert manifest()["types"][type_name]["ggml_type"] == fmt.type_id
-    x, im = case_inputs(case)
-    want = golden(type_name)[f"{case}.q"]
-    got = evalkit.quantize(x, type_name, imatrix=im, threads=1)
-    assert got.shape == want.shape
-    rows_same = (got == want).all(axis=1)
-    if not rows_same.all():
-        bb = BLOCK_BYTES[type_name]
-        r = int(np.argmin(rows_same))
-        bad_blocks = [b for b in range((want.shape[1] - 4) // bb)
-                      if not np.array_equal(got[r, 4 + b * bb:4 + (b + 1) * bb], want[r, 4 + b * bb:4 + (b + 1) * bb])]
-        pytest.fail(f"{type_name} {case}: {int(rows_same.sum())}/{len(rows_same)} rows identical "
-                    f"({rows_same.mean():.1%}); first differing row {r}: header "
-                    f"{got[r, :4].view(np.float32)[0]!r} vs {want[r, :4].view(np.float32)[0]!r}, "
-                    f"blocks {bad_blocks[:8]}")
-
-
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("type_name", KT_TYPES)
 def test_kt_numpy_decoder_matches_golden(type_name, case):
     """The independent numpy decoder used below agrees with the reference's to_float."""
     g = golden(type_name)
@@ -189,12 +155,3 @@ def test_kt_edge_inputs_quantize(type_name):
         y = evalkit.dequantize(q, type_name, n, threads=1)
         assert not np.any(q[0]) and not np.any(y[0])
         assert np.isfinite(y[[0, 1, 4, 6, 7]]).all()
-
-
-@pytest.mark.parametrize("type_name", KT_TYPES)
-def test_kt_threads_do_not_change_bytes(type_name):
-    x = np.random.default_rng(7).standard_normal((12, 1024)).astype(np.float32)
-    im = np.random.default_rng(8).random(1024).astype(np.float32)
-    a = evalkit.quantize(x, type_name, imatrix=im, threads=1)
-    b = evalkit.quantize(x, type_name, imatrix=im, threads=4)
-    assert np.array_equal(a, b)
