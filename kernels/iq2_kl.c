@@ -178,6 +178,14 @@ static float iq2kl_error(const float *th, const float *xb, const float *w, float
     return E;
 }
 
+/* Pass 1 block fit (ek_iqks_first_pass): the block scale of a non-empty block, 0 otherwise. */
+static float iq2kl_fit_block(const void *th, const float *xb, const float *w, uint8_t *blk, int ib) {
+    (void)blk; (void)ib;
+    float m;
+    if (ek_iqk_amax(xb, 32, &m) < 1e-16f) return 0;
+    return iq2kl_block_scale((const float *)th, xb, w, m);
+}
+
 void ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
@@ -191,24 +199,9 @@ void ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *
     float th[7];
     ek_iqks_ni_thresholds(3, ek_iqk_v3f, th);
     float qbuf[QK_K], w[32];
-    float amax_s = 0, m_s = 0;
-    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
-        const float *xbl = x + QK_K * ibl;
-        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
-        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.25f / QK_K);
-        for (int ib = 0; ib < 8; ++ib) {
-            const float *xb = xbl + 32 * ib;
-            float *s = scales + 8 * ibl + ib;
-            float m;
-            if (ek_iqk_amax(xb, 32, &m) < 1e-16f) { *s = 0; continue; }
-            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_ABS, w);
-            const float d = iq2kl_block_scale(th, xb, w, m);
-            *s = d;
-            const float ad = fabsf(d);
-            if (ad > amax_s) { amax_s = ad; m_s = d; }
-        }
-    }
-    if (amax_s == 0) goto done;
+    const float m_s = ek_iqks_first_pass(x, qw, n, 2.25f / QK_K, EK_IQK_W_ABS, blocks, IQ2KL_BYTES,
+                                         iq2kl_fit_block, th, scales);
+    if (m_s == 0) goto done;
 
     const float D = -m_s / 32, iD = 1 / D;
     float sumqx = 0, sumq2 = 0;

@@ -13,6 +13,15 @@
 
 #define IQ3KS_BYTES 102
 
+/* Pass 1 block fit: BF with guard; the shift flag is bit 8 + ib of the block's extra word. */
+static float iq3ks_fit_block(const void *bf, const float *xb, const float *w, uint8_t *blk, int ib) {
+    float d;
+    int shift;
+    if (ek_iqks_bf_fit((const ek_iqks_bf *)bf, xb, w, &d, &shift) == EK_IQK_BF_EMPTY) return 0;
+    if (shift) blk[1] |= (uint8_t)(1u << ib);     /* high byte of the little-endian extra */
+    return d;
+}
+
 void ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
@@ -26,28 +35,9 @@ void ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *
     ek_iqks_bf bf; /* BF set-up: V3, ntry 5, guard */
     ek_iqks_bf_init(&bf, 3, 5, 1);
     float qbuf[QK_K], w[32];
-    /* pass 1: one BF per 32-block; remember the signed scale of largest |s| */
-    float amax_s = 0, m_s = 0;
-    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
-        const float *xbl = x + QK_K * ibl;
-        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
-        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
-        uint16_t extra = 0;
-        for (int ib = 0; ib < 8; ++ib) {
-            const float *xb = xbl + 32 * ib;
-            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
-            float d;
-            int shift;
-            const int r = ek_iqks_bf_fit(&bf, xb, w, &d, &shift);
-            float *s = scales + 8 * ibl + ib;
-            if (r == EK_IQK_BF_EMPTY) { *s = 0; continue; }
-            if (shift) extra |= (uint16_t)(1u << (8 + ib));
-            *s = d;
-            const float ad = fabsf(d);
-            if (ad > amax_s) { amax_s = ad; m_s = d; }
-        }
-        ek_wr16(blocks + IQ3KS_BYTES * ibl, extra);
-    }
+    /* pass 1: one BF per 32-block; the signed scale of largest |s| sets the row scale */
+    const float m_s = ek_iqks_first_pass(x, qw, n, 2.f / QK_K, EK_IQK_W_SQUARE, blocks, IQ3KS_BYTES,
+                                         iq3ks_fit_block, &bf, scales);
     /* an all-empty row gives D = -0.0, kept as 0x8000 */
     const float D = -m_s / 16;
     ek_wr16(y, ek_fp32_to_fp16(D));

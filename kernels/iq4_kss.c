@@ -132,6 +132,19 @@ static float iq4kss_block_scale(const float *xg, const float *wg, float m, const
     return d;
 }
 
+/* Pass 1 block fit (ek_iqks_first_pass): the block scale of a non-empty block, 0 otherwise. */
+static float iq4kss_fit_block(const void *th, const float *xb, const float *w, uint8_t *blk, int ib) {
+    (void)blk; (void)ib;
+    float m, xg[32], wg[32];
+    if (ek_iqk_amax(xb, 32, &m) < 1e-16f) return 0;
+    for (int k = 0; k < 8; ++k)
+        for (int j = 0; j < 4; ++j) {
+            xg[4 * k + j] = xb[iq4kss_elem(k, j)];
+            wg[4 * k + j] = w[iq4kss_elem(k, j)];
+        }
+    return iq4kss_block_scale(xg, wg, m, (const float (*)[15])th);
+}
+
 void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
@@ -146,28 +159,9 @@ void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float 
     ek_iqks_ni_thresholds(4, ek_iqk_v4f, th[0]);
     ek_iqks_ni_thresholds(4, ek_iqk_v4f + 16, th[1]);
 
-    float qbuf[QK_K], w[32], xg[32], wg[32];
-    float amax_s = 0;
-    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
-        const float *xbl = x + QK_K * ibl;
-        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
-        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
-        for (int ib = 0; ib < 8; ++ib) {
-            const float *xb = xbl + 32 * ib;
-            float *s = scales + 8 * ibl + ib;
-            float m;
-            if (ek_iqk_amax(xb, 32, &m) < 1e-16f) { *s = 0; continue; }
-            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
-            for (int k = 0; k < 8; ++k)
-                for (int j = 0; j < 4; ++j) {
-                    xg[4 * k + j] = xb[iq4kss_elem(k, j)];
-                    wg[4 * k + j] = w[iq4kss_elem(k, j)];
-                }
-            *s = iq4kss_block_scale(xg, wg, m, th);
-            const float ad = fabsf(*s);
-            if (ad > amax_s) amax_s = ad;
-        }
-    }
+    float qbuf[QK_K], w[32];
+    const float amax_s = fabsf(ek_iqks_first_pass(x, qw, n, 2.f / QK_K, EK_IQK_W_SQUARE, blocks, IQ4KSS_BYTES,
+                                                  iq4kss_fit_block, th, scales));
     const float D = amax_s / 127;
     ek_wrf32(y, D);
     if (D == 0) goto done;

@@ -207,31 +207,40 @@ int ek_iqks_bf_fit(const ek_iqks_bf *bf, const float *x, const float *w, float *
     return ek_iqk_block_fit(bf->bits, bf->T0, bf->T1, x, w, 32, bf->ntry, 1, bf->guard, 0, dout, shout);
 }
 
-float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
-                               int bits, int ntry, float *scales) {
-    const int64_t nbl = n / QK_K;
-    ek_iqks_bf bf;
-    ek_iqks_bf_init(&bf, bits, ntry, 0);
+float ek_iqks_first_pass(const float *x, const float *qw, int64_t n, float sigma_scale, int wkind,
+                         uint8_t *blocks, int block_bytes, ek_iqks_fit_fn fit, const void *ctx, float *scales) {
     float qbuf[QK_K], w[32];
-    float amax_s = 0;
-    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
+    float amax = 0, m = 0;
+    for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
         const float *xbl = x + QK_K * ibl;
         uint8_t *blk = blocks + block_bytes * ibl;
         const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
-        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
+        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * sigma_scale;
         for (int ib = 0; ib < 8; ++ib) {
             const float *xb = xbl + 32 * ib;
-            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
-            float d;
-            int shift;
-            const int r = ek_iqks_bf_fit(&bf, xb, w, &d, &shift);
-            float *s = scales + 8 * ibl + ib;
-            if (r == EK_IQK_BF_EMPTY) { *s = 0; continue; }
-            if (shift) blk[ib] = 1;
-            *s = d;
+            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, wkind, w);
+            const float d = fit(ctx, xb, w, blk, ib);
+            scales[8 * ibl + ib] = d;
             const float ad = fabsf(d);
-            if (ad > amax_s) amax_s = ad;
+            if (ad > amax) { amax = ad; m = d; }
         }
     }
-    return amax_s;
+    return m;
+}
+
+/* IQ4_KS / IQ5_KS block fit: BF without guard; the shift goes to bit 0 of scale byte ib. */
+static float iqks_fit_bf_shift_bit0(const void *ctx, const float *xb, const float *w, uint8_t *blk, int ib) {
+    float d;
+    int shift;
+    if (ek_iqks_bf_fit((const ek_iqks_bf *)ctx, xb, w, &d, &shift) == EK_IQK_BF_EMPTY) return 0;
+    if (shift) blk[ib] |= 1;
+    return d;
+}
+
+float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
+                               int bits, int ntry, float *scales) {
+    ek_iqks_bf bf;
+    ek_iqks_bf_init(&bf, bits, ntry, 0);
+    return fabsf(ek_iqks_first_pass(x, qw, n, 2.f / QK_K, EK_IQK_W_SQUARE, blocks, block_bytes,
+                                    iqks_fit_bf_shift_bit0, &bf, scales));
 }

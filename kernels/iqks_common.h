@@ -83,6 +83,15 @@ typedef struct {
 void ek_iqks_bf_init(ek_iqks_bf *bf, int bits, int ntry, int guard);
 int ek_iqks_bf_fit(const ek_iqks_bf *bf, const float *x, const float *w, float *d, int *shift);
 
+/* The first pass shared by IQ3_KS, IQ4_KS, IQ5_KS, IQ4_KSS and IQ2_KL: for every 32-block of
+ * the row, its importance weights (kind wkind, sigma2 = sigma_scale * the super-block's sum of
+ * squares), then the type's block fit, which returns the block's signed scale (0 for an empty
+ * block) and may set per-block bits (shift flags) in its super-block blk. Stores the scales
+ * (scales[32-block]) and returns the scale of largest magnitude (the first one on ties). */
+typedef float (*ek_iqks_fit_fn)(const void *ctx, const float *xb, const float *w, uint8_t *blk, int ib);
+float ek_iqks_first_pass(const float *x, const float *qw, int64_t n, float sigma_scale, int wkind,
+                         uint8_t *blocks, int block_bytes, ek_iqks_fit_fn fit, const void *ctx, float *scales);
+
 /* First pass of IQ4_KS and IQ5_KS (spec 10 step 1 / 11): block fit of every 32-block of the
  * row with the V<bits> tables, no guard; sets the shift bit (bit 0 of each block's scale byte
  * at blocks + block_bytes*ibl + ib), stores the signed block scales (0 for empty blocks) and
