@@ -237,10 +237,53 @@ static float iqks_fit_bf_shift_bit0(const void *ctx, const float *xb, const floa
     return d;
 }
 
-float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
-                               int bits, int ntry, float *scales) {
+/* Pass 1 of IQ4_KS / IQ5_KS: BF of every 32-block with the V<bits> tables, no guard; returns
+ * max |scale|. */
+static float iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
+                                   int bits, int ntry, float *scales) {
     ek_iqks_bf bf;
     ek_iqks_bf_init(&bf, bits, ntry, 0);
     return fabsf(ek_iqks_first_pass(x, qw, n, 2.f / QK_K, EK_IQK_W_SQUARE, blocks, block_bytes,
                                     iqks_fit_bf_shift_bit0, &bf, scales));
+}
+
+void ek_iqks_quantize_odd7_row(const float *x, uint8_t *y, int64_t n, const float *qw, int block_bytes, int bits,
+                               int ntry, ek_iqks_encode_fn encode) {
+    const int64_t nbl = n / QK_K;
+    memset(y, 0, 4 + (size_t)nbl * block_bytes); /* header 0.0f */
+    uint8_t *blocks = y + 4;
+
+    float stack_s[EK_IQKS_STACK_BLOCKS];
+    float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
+    if (!scales) return; /* no memory: an all-zero row decodes to zeros */
+
+    /* pass 1: block scales and shift bits (no guard) */
+    const float amax_s = iqks_fit_block_scales(x, qw, n, blocks, block_bytes, bits, ntry, scales);
+    float qbuf[QK_K], w[32];
+    const float D = amax_s / 127;
+    ek_wrf32(y, D);
+    if (D == 0) goto done;
+
+    /* pass 2: odd 7-bit block scales relative to D, then the type's indices */
+    const float iD = 1 / D;
+    float sumqx = 0, sumq2 = 0;
+    for (int64_t ibl = 0; ibl < nbl; ++ibl) {
+        const float *xbl = x + QK_K * ibl;
+        uint8_t *blk = blocks + block_bytes * ibl;
+        const float *q = ek_iqks_qw(xbl, qw ? qw + QK_K * ibl : NULL, qbuf);
+        const float sigma2 = ek_iqk_sumsq(xbl, QK_K) * (2.f / QK_K);
+        for (int ib = 0; ib < 8; ++ib) {
+            const float s = scales[8 * ibl + ib];
+            const int l = ek_iqks_clampi(ek_nearest_int(0.5f * (iD * s + 127.f)), 0, 127);
+            blk[ib] |= (uint8_t)(2 * l);
+            const int ls = 2 * l - 127; /* odd, never 0 */
+            const float dl = D * (float)ls;
+            const float *xb = xbl + 32 * ib;
+            ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
+            encode(xb, w, ls, 1 / dl, blk[ib] & 1, blk, ib, &sumqx, &sumq2);
+        }
+    }
+    if (sumq2 > 0) ek_wrf32(y, sumqx / sumq2);
+done:
+    ek_iqks_scratch_free(scales, stack_s);
 }

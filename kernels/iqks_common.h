@@ -92,11 +92,14 @@ typedef float (*ek_iqks_fit_fn)(const void *ctx, const float *xb, const float *w
 float ek_iqks_first_pass(const float *x, const float *qw, int64_t n, float sigma_scale, int wkind,
                          uint8_t *blocks, int block_bytes, ek_iqks_fit_fn fit, const void *ctx, float *scales);
 
-/* First pass of IQ4_KS and IQ5_KS (spec 10 step 1 / 11): block fit of every 32-block of the
- * row with the V<bits> tables, no guard; sets the shift bit (bit 0 of each block's scale byte
- * at blocks + block_bytes*ibl + ib), stores the signed block scales (0 for empty blocks) and
- * returns max |scale|. */
-float ek_iqks_fit_block_scales(const float *x, const float *qw, int64_t n, uint8_t *blocks, int block_bytes,
-                               int bits, int ntry, float *scales);
+/* IQ4_KS and IQ5_KS rows (spec 10, 11): float32 row scale D, odd 7-bit block scales ls (code
+ * l in bits 1..7 of scale byte ib, shift in bit 0), from pass 1 (V<bits>, ntry) and the row's
+ * final scale refitted from the weighted sums. encode writes block ib's indices of xb for the
+ * step 1 / idl of table half `half` and adds its weighted sums to *sumqx, *sumq2 (in the
+ * reference's order). */
+typedef void (*ek_iqks_encode_fn)(const float *xb, const float *w, int ls, float idl, int half, uint8_t *blk,
+                                  int ib, float *sumqx, float *sumq2);
+void ek_iqks_quantize_odd7_row(const float *x, uint8_t *y, int64_t n, const float *qw, int block_bytes, int bits,
+                               int ntry, ek_iqks_encode_fn encode);
 
 #endif
