@@ -12,7 +12,7 @@
  * packed transposed (scaled), so one fused pass computes their scores for every key
  * s < t1 into an L2-resident buffer laid out key-major (16 rows per vector lane group);
  * the softmax then runs down the keys with the rows in the lanes, and P V accumulates
- * 4 rows x 64 columns in registers. The keys above the diagonal within a block are
+ * PR = 6 rows x 64 columns in registers. The keys above the diagonal within a block are
  * computed and then given weight exactly 0; keys past the block are never touched.
  *
  * Arithmetic: float32 throughout, FMA accumulation over d (dot products) and over s
@@ -166,7 +166,7 @@ static EK_AVX512 void attn_item_avx512(void *vctx, int64_t item, int slot) {
         _mm512_store_ps(inv + r0, _mm512_div_ps(_mm512_set1_ps(1.0f), sum));
     }
 
-    /* 4. out rows = P V / sum, 4 rows x up to 64 columns per register tile */
+    /* 4. out rows = P V / sum, PR rows x up to 64 columns per register tile */
     const int64_t Tout = T - c->q_from;
     const float *vb = c->v + (b * T * Hkv + j) * D;
     for (int64_t r0 = 0; r0 < rows; r0 += PR) {

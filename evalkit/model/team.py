@@ -16,6 +16,7 @@ thread alone (any other thread: a parallel region there would start a second tea
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import re
 import threading
@@ -26,7 +27,6 @@ __all__ = ["team", "runner"]
 
 # libgomp (Linux wheels), LLVM libomp (macOS) and Intel's libiomp5 all export GOMP_parallel.
 _OPENMP_LIB = re.compile(r"lib(gomp|omp|iomp5)[-.\w]*\.(so[.\d]*|dylib)$")
-_found: list = []          # [is torch's backend OpenMP, address or None], filled on first use
 
 
 def _openmp_paths() -> list[str]:
@@ -55,20 +55,18 @@ def runner() -> int | None:
     return _lookup()[1]
 
 
-def _lookup() -> list:
-    if not _found:
-        openmp = "parallel backend: OpenMP" in torch.__config__.parallel_info()
-        addr = None
-        if openmp:
-            for path in _openmp_paths():
-                try:
-                    fn = ctypes.CDLL(path).GOMP_parallel
-                except (OSError, AttributeError):
-                    continue
-                addr = ctypes.cast(fn, ctypes.c_void_p).value
-                break
-        _found.extend([openmp, addr])
-    return _found
+@functools.cache
+def _lookup() -> tuple[bool, int | None]:
+    """(torch's parallel backend is OpenMP, GOMP_parallel's address or None), found once."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return False, None
+    for path in _openmp_paths():
+        try:
+            fn = ctypes.CDLL(path).GOMP_parallel
+        except (OSError, AttributeError):
+            continue
+        return True, ctypes.cast(fn, ctypes.c_void_p).value
+    return True, None
 
 
 def team() -> tuple[int, int | None]:
