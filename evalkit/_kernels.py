@@ -9,11 +9,12 @@ from __future__ import annotations
 import ctypes
 import glob
 import os
+from evalkit.errors import EvalkitError
 
 __all__ = ["lib", "has_quantize", "has_dequantize", "KernelLibraryError", "status_message"]
 
 
-class KernelLibraryError(RuntimeError):
+class KernelLibraryError(EvalkitError, RuntimeError):
     """The compiled kernel library is missing or unusable."""
 
 

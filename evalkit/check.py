@@ -17,11 +17,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+from evalkit.errors import EvalkitError
 
 __all__ = ["CheckError", "CheckRow", "check_results", "format_table", "main"]
 
 
-class CheckError(ValueError):
+class CheckError(EvalkitError, ValueError):
     """The results or thresholds file is unusable."""
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from evalkit.config import CorpusSpec
+from evalkit.run_config import CorpusSpec
+from evalkit.errors import EvalkitError
 
 __all__ = ["BUNDLED_CORPORA", "CorpusError", "load_corpus_text", "corpus_path"]
 
@@ -13,7 +14,7 @@ _DATA = Path(__file__).resolve().parent / "data"
 BUNDLED_CORPORA = {"wikitext-2-raw-test": _DATA / "wikitext-2-raw-test.txt"}
 
 
-class CorpusError(ValueError):
+class CorpusError(EvalkitError, ValueError):
     """The corpus cannot be read."""
 
 

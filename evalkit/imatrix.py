@@ -11,11 +11,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from evalkit.errors import EvalkitError
 
 __all__ = ["ImatrixError", "Imatrix", "load_imatrix"]
 
 
-class ImatrixError(ValueError):
+class ImatrixError(EvalkitError, ValueError):
     """An importance-matrix file is unreadable or does not fit the model."""
 
 

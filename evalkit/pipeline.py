@@ -19,14 +19,15 @@ from typing import Any
 
 import numpy as np
 
-from evalkit.config import RunConfig, VariantSpec
+from evalkit.run_config import RunConfig, VariantSpec
+from evalkit.errors import EvalkitError
 
 __all__ = ["RunError", "run", "model_size", "sha256_file"]
 
 PARTIAL_FORMAT = 1
 
 
-class RunError(ValueError):
+class RunError(EvalkitError, ValueError):
     """The run cannot proceed (bad input named in the message)."""
 
 
@@ -228,7 +229,7 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
     from evalkit.corpus import CorpusError, load_corpus_text
     from evalkit.metrics import KLDTokens, PerplexityAccumulator, chunk_tokens, kld_statistics, token_nll
     from evalkit.metrics.logits_file import LogitsFile, LogitsFileWriter, encode_records
-    from evalkit.models import ModelNotFoundError, resolve_model
+    from evalkit.sources import ModelNotFoundError, resolve_model
 
     t0 = time.time()
     if cfg.threads:

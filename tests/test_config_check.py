@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from evalkit.check import check_results, main as check_main
-from evalkit.config import ConfigError, config_from_dict, load_config
+from evalkit.run_config import ConfigError, config_from_dict, load_config
 
 
 def _write(tmp_path, name, text):

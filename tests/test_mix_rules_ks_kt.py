@@ -33,7 +33,7 @@ def _facts(**kw) -> ModelFacts:
 
 def _smollm2():
     try:
-        from evalkit.models import smollm2_path
+        from evalkit.sources import smollm2_path
         return smollm2_path()
     except Exception as e:     # package missing: nothing to check
         pytest.skip(f"SmolLM2 not available: {e}")

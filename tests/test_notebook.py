@@ -6,7 +6,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from conftest import GOLDEN, REPO, SHARED
-from evalkit.config import config_from_dict
+from evalkit.run_config import config_from_dict
 from evalkit.pipeline import run
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, REPO, SHARED
-from evalkit.perplexity_cli import perplexity
+from evalkit.cli.perplexity import perplexity
 
 CORPUS = SHARED / "data" / "wikitext-2-raw-test.txt"
 REF = json.loads((GOLDEN / "stats" / "reference-stats.json").read_text())

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import GOLDEN, REPO, SHARED
-from evalkit.config import config_from_dict
+from evalkit.run_config import config_from_dict
 from evalkit.pipeline import RunError, run
 
 TINY = GOLDEN / "gguf" / "tiny-base.gguf"
@@ -86,7 +86,7 @@ def test_tokens_parquet_matches_results(tiny_run):
 
 
 def test_base_ppl_equals_perplexity_command(tiny_run, corpus):
-    from evalkit.perplexity_cli import perplexity
+    from evalkit.cli.perplexity import perplexity
     import io
     _, _, res = tiny_run
     pp = perplexity(str(TINY), str(corpus), ctx=64, chunks=3, threads=2, out=io.StringIO())
@@ -160,7 +160,7 @@ def test_base_logits_file_round_trip(tmp_path, corpus):
 
 def test_reference_base_logits_file_smollm2(tmp_path):
     """The reference's own file: SmolLM2 base, 2 chunks of 64; our forward of the same weights matches it."""
-    from evalkit.models import smollm2_path
+    from evalkit.sources import smollm2_path
     cfg = config_from_dict({
         "name": "golden-kld", "base": "smollm2", "corpus": str(SHARED / "data" / "wikitext-2-raw-test.txt"),
         "ctx": 64, "threads": 2, "output_dir": str(tmp_path / "results"),

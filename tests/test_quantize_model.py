@@ -19,7 +19,7 @@ from evalkit.cli import main as cli_main
 from evalkit.formats import get_format
 from evalkit.gguf import GGUFFile, TensorSpec, write_gguf
 from evalkit.imatrix import load_imatrix
-from evalkit.models import ModelNotFoundError, smollm2_path
+from evalkit.sources import ModelNotFoundError, smollm2_path
 from evalkit.recipes import build_plan, open_source, quantize_model, quantize_tensor
 from evalkit.recipes.plan import kernel_gaps
 from evalkit.recipes.rules import TypeOptions

@@ -26,7 +26,7 @@ def _gguf_metadata(path) -> dict:
 
 def _smollm2_path() -> Path:
     # Located without importing the package; a missing install fails the suite.
-    from evalkit.models import smollm2_path
+    from evalkit.sources import smollm2_path
 
     return smollm2_path()
 

@@ -17,6 +17,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from evalkit.formats import FORMATS_BY_ID, QuantFormat
+from evalkit.errors import EvalkitError
 
 __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_DEFAULT_ALIGNMENT"]
 
@@ -37,7 +38,7 @@ _NUMPY = {
 }
 
 
-class GGUFError(ValueError):
+class GGUFError(EvalkitError, ValueError):
     """A GGUF file is malformed, truncated, foreign, or uses something evalkit cannot read."""
 
 

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from evalkit.errors import EvalkitError
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "UnsupportedModelError"]
 
@@ -22,7 +23,7 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 _HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(EvalkitError, ValueError):
     """The model's architecture or hyper-parameters are outside what the forward pass implements."""
 
 

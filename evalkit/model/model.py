@@ -24,11 +24,12 @@ from evalkit.model.attention import CausalAttention
 from evalkit.model.config import ModelConfig
 import evalkit.model.norm_act  # noqa: F401  (registers evalkit::rms_norm, evalkit::swiglu)
 from evalkit.model.qlinear import QEmbedding, QLinear, packed_tensor
+from evalkit.errors import EvalkitError
 
 __all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "Workspace", "ModelTensorError"]
 
 
-class ModelTensorError(ValueError):
+class ModelTensorError(EvalkitError, ValueError):
     """A tensor the architecture needs is missing, misshapen, or of an unusable type."""
 
 

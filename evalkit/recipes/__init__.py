@@ -2,7 +2,7 @@
 
 ``quantize_model(src, out, "IQ4_K", imatrix=...)`` writes a GGUF whose tensors are
 byte-identical to the reference's; ``build_plan`` / ``--dry-run`` show the decisions.
-Names are resolved lazily so that the CLI (which imports ``evalkit.recipes.cli``)
+Names are resolved lazily so that the CLI (which imports ``evalkit.cli.quantize``)
 starts without loading the quantizer. (The package is not called ``evalkit.quantize``:
 that name is the array-level kernel function ``evalkit.quantize(x, type_name)``.)
 """

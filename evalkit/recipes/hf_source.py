@@ -22,6 +22,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from evalkit.gguf.reader import TensorInfo
+from evalkit.errors import EvalkitError
 
 __all__ = ["HFSource", "HFSourceError", "permute_qk"]
 
@@ -53,7 +54,7 @@ _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "
 _V = GGUFValueType
 
 
-class HFSourceError(ValueError):
+class HFSourceError(EvalkitError, ValueError):
     """The checkpoint is unreadable or uses something this converter does not handle."""
 
 

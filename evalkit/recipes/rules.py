@@ -26,6 +26,7 @@ from typing import Any, Iterable, Sequence
 
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
+from evalkit.errors import EvalkitError
 
 __all__ = [
     "RuleError", "ModelFacts", "TypeOptions", "Position", "Decision",
@@ -81,7 +82,7 @@ _ATTN_OUT_MOE_Q5K = frozenset({"IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_K", "IQ4_KSS",
                                "IQ2_K", "IQ3_K", "IQ3_KL", "IQ3_KT", "IQ3_KS"})
 
 
-class RuleError(ValueError):
+class RuleError(EvalkitError, ValueError):
     """A type choice is impossible or an option is malformed (message says which tensor / option)."""
 
 

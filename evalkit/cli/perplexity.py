@@ -16,10 +16,10 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     """
     import torch
 
-    from evalkit.config import CorpusSpec
+    from evalkit.run_config import CorpusSpec
     from evalkit.corpus import load_corpus_text
     from evalkit.metrics import PerplexityAccumulator, chunk_tokens, token_nll
-    from evalkit.models import resolve_model
+    from evalkit.sources import resolve_model
     from evalkit.model import Workspace
     from evalkit.pipeline import _load_model, _logits, _tokenizer_for, batched, chunks_per_batch, sha256_file
 

@@ -6,7 +6,7 @@ import sys
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evalkit.config import ConfigError, load_config
+    from evalkit.run_config import ConfigError, load_config
     from evalkit.pipeline import RunError, run
 
     try:

@@ -33,9 +33,9 @@ def _cmd_smoke(args: argparse.Namespace) -> int:
 # and sets ``func``. Heavy imports (torch) stay inside the command functions so that
 # `evalkit --help` and `evalkit quantize` start fast.
 SUBCOMMAND_MODULES = [
-    "evalkit.recipes.cli",
-    "evalkit.perplexity_cli",
-    "evalkit.run_cli",
+    "evalkit.cli.quantize",
+    "evalkit.cli.perplexity",
+    "evalkit.cli.run",
 ]
 
 

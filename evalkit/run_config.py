@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from evalkit.errors import EvalkitError
 
 __all__ = ["ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict"]
 
@@ -19,7 +20,7 @@ CLASS_TYPE_KEYS = ("token_embedding_type", "output_tensor_type", "attn_q_type", 
                    "attn_v_type", "attn_output_type", "ffn_gate_type", "ffn_up_type", "ffn_down_type")
 
 
-class ConfigError(ValueError):
+class ConfigError(EvalkitError, ValueError):
     """The run configuration is malformed."""
 
 
