@@ -7,7 +7,8 @@ kernels = Extension(
     "evalkit._evalkit_kernels",
     sources=sorted(glob.glob("kernels/*.c")),
     include_dirs=["kernels"],
-    # Bit-exactness: no FMA contraction, no fast-math (spec section 2.7).
+    # Bit-exactness: no FMA contraction, no fast-math, so that every float expression rounds as in
+    # ik_llama.cpp's quantizers (quantize_row_*_impl) built with -ffp-contract=off, as the golden data were.
     extra_compile_args=["-O2", "-ffp-contract=off", "-fno-fast-math", "-std=gnu11", "-pthread",
                         "-fvisibility=default"],
     extra_link_args=["-pthread", "-lm"],

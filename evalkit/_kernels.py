@@ -1,17 +1,38 @@
 """ctypes binding to the compiled kernel library (kernels/*.c).
 
 The library is built by ``pip install -e .`` as the extension
-``evalkit/_evalkit_kernels*.so``; ``EVALKIT_KERNELS_LIB`` may point at another
-build (used while developing a kernel).  ctypes releases the GIL during calls.
+``evalkit/_evalkit_kernels<suffix>`` (suffix: one of the interpreter's extension
+suffixes); ``EVALKIT_KERNELS_LIB`` may point at another build (used while developing
+a kernel).  It is loaded on first use (:func:`get_lib`, or the module attribute
+``lib``), so ``import evalkit`` and ``evalkit --help`` work before it is built.
+ctypes releases the GIL during calls.
 """
 from __future__ import annotations
 
 import ctypes
-import glob
+import functools
+import importlib.machinery
 import os
+
 from evalkit.errors import EvalkitError
 
-__all__ = ["lib", "has_quantize", "has_dequantize", "KernelLibraryError", "status_message"]
+__all__ = ["get_lib", "has_quantize", "has_dequantize", "format_info", "KernelLibraryError",
+           "status_message", "check_status", "EK_ERR_UNKNOWN_TYPE", "EK_ERR_NO_MEMORY"]
+
+_BASENAME = "_evalkit_kernels"
+_BUILD_HINT = ("build it with `pip install -e .` (or `python setup.py build_ext --inplace`) in the "
+               "repository root, or set EVALKIT_KERNELS_LIB to a built library")
+
+# ek_status codes of kernels/evalkit_kernels.h
+EK_ERR_UNKNOWN_TYPE = -1
+EK_ERR_NO_MEMORY = -5
+_STATUS = {
+    -1: "unknown type",
+    -2: "not implemented in the kernel library",
+    -3: "row length is not a multiple of the block size",
+    -4: "bad argument",
+    -5: "out of memory",
+}
 
 
 class KernelLibraryError(EvalkitError, RuntimeError):
@@ -25,53 +46,59 @@ def _find_library() -> str:
             raise KernelLibraryError(f"EVALKIT_KERNELS_LIB={override!r} does not exist")
         return override
     here = os.path.dirname(os.path.abspath(__file__))
-    hits = sorted(glob.glob(os.path.join(here, "_evalkit_kernels*.so")) +
-                  glob.glob(os.path.join(here, "_evalkit_kernels*.pyd")) +
-                  glob.glob(os.path.join(here, "_evalkit_kernels*.dylib")))
-    if not hits:
-        raise KernelLibraryError(
-            "evalkit's compiled kernels are not built (no evalkit/_evalkit_kernels*.so); "
-            "run `pip install -e .` in the repository root")
-    return hits[0]
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:   # most specific first
+        path = os.path.join(here, _BASENAME + suffix)
+        if os.path.exists(path):
+            return path
+    raise KernelLibraryError(
+        f"evalkit's compiled kernel library is not built (no {_BASENAME}"
+        f"{importlib.machinery.EXTENSION_SUFFIXES[0]} in {here}); {_BUILD_HINT}")
 
 
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(_find_library())
-    i64, vp, ci = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
-    lib.ek_row_size.argtypes = [ci, i64]
-    lib.ek_row_size.restype = i64
-    lib.ek_has_quantize.argtypes = [ci]
-    lib.ek_has_quantize.restype = ci
-    lib.ek_has_dequantize.argtypes = [ci]
-    lib.ek_has_dequantize.restype = ci
-    lib.ek_quantize.argtypes = [ci, vp, vp, i64, i64, vp, ci, ci]
-    lib.ek_quantize.restype = ci
-    lib.ek_dequantize.argtypes = [ci, vp, vp, i64, i64, ci, ci]
-    lib.ek_dequantize.restype = ci
-    lib.ek_dequantize_team.argtypes = [ci, vp, vp, i64, i64, ci, ci, vp]
-    lib.ek_dequantize_team.restype = ci
-    lib.ek_has_causal_attention.argtypes = [i64]
-    lib.ek_has_causal_attention.restype = ci
-    lib.ek_causal_attention.argtypes = [vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp]
-    lib.ek_causal_attention.restype = ci
-    lib.ek_has_norm_act.argtypes = []
-    lib.ek_has_norm_act.restype = ci
-    lib.ek_rms_norm.argtypes = [vp, vp, vp, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp]
-    lib.ek_rms_norm.restype = ci
-    lib.ek_swiglu.argtypes = [vp, vp, vp, i64, ci, vp]
-    lib.ek_swiglu.restype = ci
+def _declare(lib: ctypes.CDLL) -> None:
+    """Argument and result types of every entry point Python calls."""
+    i64, vp, ci, pi = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int, ctypes.POINTER(ctypes.c_int)
+    signatures = {
+        "ek_row_size": ([ci, i64], i64),
+        "ek_format_info": ([ci, pi, pi, pi], ci),
+        "ek_has_quantize": ([ci], ci),
+        "ek_has_dequantize": ([ci], ci),
+        "ek_quantize": ([ci, vp, vp, i64, i64, vp, ci, ci], ci),
+        "ek_dequantize": ([ci, vp, vp, i64, i64, ci, ci], ci),
+        "ek_dequantize_team": ([ci, vp, vp, i64, i64, ci, ci, vp], ci),
+        "ek_has_causal_attention": ([i64], ci),
+        "ek_causal_attention": ([vp, vp, vp, vp, i64, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp], ci),
+        "ek_has_norm_act": ([], ci),
+        "ek_rms_norm": ([vp, vp, vp, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp], ci),
+        "ek_swiglu": ([vp, vp, vp, i64, ci, vp], ci),
+        "ek_test_fail_alloc": ([ci], ci),
+    }
+    for name, (argtypes, restype) in signatures.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = restype
+
+
+@functools.cache
+def get_lib() -> ctypes.CDLL:
+    """The kernel library, loaded on first call; KernelLibraryError says how to build it."""
+    path = _find_library()
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as e:
+        raise KernelLibraryError(f"cannot load evalkit's kernel library {path}: {e}; {_BUILD_HINT}") from e
+    try:
+        _declare(lib)
+    except AttributeError as e:
+        raise KernelLibraryError(f"evalkit's kernel library {path} is out of date ({e}); {_BUILD_HINT}") from e
     return lib
 
 
-lib = _load()
-
-_STATUS = {
-    -1: "unknown type",
-    -2: "not implemented in the kernel library",
-    -3: "row length is not a multiple of the block size",
-    -4: "bad argument",
-    -5: "out of memory",
-}
+def __getattr__(name: str):
+    # `_kernels.lib` stays available (loaded on first access) for callers of the old name.
+    if name == "lib":
+        return get_lib()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def status_message(code: int) -> str:
@@ -79,11 +106,33 @@ def status_message(code: int) -> str:
     return _STATUS.get(code, f"kernel error {code}")
 
 
+def check_status(rc: int, what: str) -> None:
+    """Raise for a failed kernel call: MemoryError for EK_ERR_NO_MEMORY, else RuntimeError.
+
+    ``what`` names the operation and type, e.g. ``"quantize IQ2_KT"``.
+    """
+    if rc == 0:
+        return
+    if rc == EK_ERR_NO_MEMORY:
+        raise MemoryError(f"{what}: the kernel library ran out of memory (status {rc})")
+    raise RuntimeError(f"{what}: {status_message(rc)}")
+
+
 def has_quantize(type_id: int) -> bool:
     """True when the library has a quantizer for this ggml type id."""
-    return bool(lib.ek_has_quantize(type_id))
+    return bool(get_lib().ek_has_quantize(type_id))
 
 
 def has_dequantize(type_id: int) -> bool:
     """True when the library has a dequantizer for this ggml type id."""
-    return bool(lib.ek_has_dequantize(type_id))
+    return bool(get_lib().ek_has_dequantize(type_id))
+
+
+def format_info(type_id: int) -> tuple[int, int, int] | None:
+    """(block_size, type_size, header_bytes) the library uses for a type id; None if unknown to it."""
+    bs, ts, hb = ctypes.c_int(), ctypes.c_int(), ctypes.c_int()
+    rc = get_lib().ek_format_info(type_id, ctypes.byref(bs), ctypes.byref(ts), ctypes.byref(hb))
+    if rc == EK_ERR_UNKNOWN_TYPE:
+        return None
+    check_status(rc, f"format_info {type_id}")
+    return bs.value, ts.value, hb.value

@@ -1,7 +1,8 @@
 """`quantize` / `dequantize`: numpy arrays in, numpy arrays out, through the C kernels.
 
 Validation happens here, before any byte is written, so bad input raises a
-clear ``ValueError`` / ``TypeError`` and never reaches the kernels.
+clear ``ValueError`` / ``TypeError`` and never reaches the kernels. A kernel that
+runs out of memory raises ``MemoryError`` naming the type.
 """
 from __future__ import annotations
 
@@ -93,10 +94,9 @@ def quantize(x: np.ndarray, type_name: str, imatrix=None, threads: int | None = 
         raise NotImplementedError(f"quantize: {fmt.name} has no quantizer in this build of evalkit")
     out = np.empty((rows, fmt.row_bytes(n)), dtype=np.uint8)
     flags = _QFLAG_IQ2KS_SLOW if slow_iq2ks else 0
-    rc = _kernels.lib.ek_quantize(fmt.type_id, x.ctypes.data, out.ctypes.data, rows, n,
-                                  None if im is None else im.ctypes.data, nthreads, flags)
-    if rc != 0:
-        raise RuntimeError(f"quantize {fmt.name}: {_kernels.status_message(rc)}")
+    rc = _kernels.get_lib().ek_quantize(fmt.type_id, x.ctypes.data, out.ctypes.data, rows, n,
+                                        None if im is None else im.ctypes.data, nthreads, flags)
+    _kernels.check_status(rc, f"quantize {fmt.name}")
     return out
 
 
@@ -132,8 +132,7 @@ def dequantize(q: np.ndarray, type_name: str, n_per_row: int, threads: int | Non
     q = np.ascontiguousarray(q)
     rows = q.shape[0]
     out = np.empty((rows, n), dtype=np.float32)
-    rc = _kernels.lib.ek_dequantize(fmt.type_id, q.ctypes.data, out.ctypes.data, rows, n, nthreads,
-                                    DEQUANT_VARIANTS[variant])
-    if rc != 0:
-        raise RuntimeError(f"dequantize {fmt.name}: {_kernels.status_message(rc)}")
+    rc = _kernels.get_lib().ek_dequantize(fmt.type_id, q.ctypes.data, out.ctypes.data, rows, n, nthreads,
+                                          DEQUANT_VARIANTS[variant])
+    _kernels.check_status(rc, f"dequantize {fmt.name}")
     return out

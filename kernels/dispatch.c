@@ -7,11 +7,15 @@
 #include "ek_common.h"
 #include "ek_team.h"
 
-#define EK_DECLARE(name)                                                              \
-    void ek_quantize_row_##name(const float *, uint8_t *, int64_t, const float *, int) \
-        __attribute__((weak));                                                        \
+#define EK_DECLARE(name)                                                             \
+    int ek_quantize_row_##name(const float *, uint8_t *, int64_t, const float *, int) \
+        __attribute__((weak));                                                       \
     void ek_dequantize_row_##name(const uint8_t *, float *, int64_t, int) __attribute__((weak));
 
+/* id, kernel name, elements per block, bytes per block, bytes of the per-row header.
+ * evalkit/formats/__init__.py holds the same geometry spelled out field by field (as
+ * ggml's block structs); tests/test_geometry.py checks the two against each other
+ * through ek_format_info. */
 #define EK_FORMATS(X)                                   \
     X(EK_F32, f32, 1, 4, 0)                             \
     X(EK_F16, f16, 1, 2, 0)                             \
@@ -81,6 +85,15 @@ int64_t ek_row_size(int type, int64_t n) {
     return f->header_bytes + (n / f->block_size) * (int64_t)f->block_bytes;
 }
 
+int ek_format_info(int type, int *block_size, int *type_size, int *header_bytes) {
+    const ek_format *f = ek_lookup(type);
+    if (!f) return EK_ERR_UNKNOWN_TYPE;
+    if (block_size) *block_size = f->block_size;
+    if (type_size) *type_size = f->block_bytes;
+    if (header_bytes) *header_bytes = f->header_bytes;
+    return EK_OK;
+}
+
 int ek_has_quantize(int type) { const ek_format *f = ek_lookup(type); return f && f->quantize; }
 int ek_has_dequantize(int type) { const ek_format *f = ek_lookup(type); return f && f->dequantize; }
 
@@ -93,18 +106,27 @@ typedef struct {
     int64_t nrows, n, row_bytes;
     const float *imatrix;
     int flags;
+    int status; /* EK_OK, or the first failure of a row kernel (written atomically) */
 } ek_job;
 
 /* Rows per work item: enough to amortise claiming an item, small enough to balance two
  * threads on a SmolLM2-sized tile. Rows never interact, so any split gives the same bytes. */
 #define EK_ITEM_ROWS 32
 
+/* A failed row (out of memory) fails the call: it is recorded and the remaining items
+ * are skipped. */
 static void ek_quantize_item(void *ctx, int64_t i, int slot) {
     (void)slot;
-    const ek_job *j = (const ek_job *)ctx;
+    ek_job *j = (ek_job *)ctx;
+    if (__atomic_load_n(&j->status, __ATOMIC_RELAXED) != EK_OK) return;
     const int64_t r1 = (i + 1) * EK_ITEM_ROWS < j->nrows ? (i + 1) * EK_ITEM_ROWS : j->nrows;
-    for (int64_t r = i * EK_ITEM_ROWS; r < r1; ++r)
-        j->fmt->quantize(j->x + r * j->n, j->qout + r * j->row_bytes, j->n, j->imatrix, j->flags);
+    for (int64_t r = i * EK_ITEM_ROWS; r < r1; ++r) {
+        const int rc = j->fmt->quantize(j->x + r * j->n, j->qout + r * j->row_bytes, j->n, j->imatrix, j->flags);
+        if (rc != EK_OK) {
+            __atomic_store_n(&j->status, rc, __ATOMIC_RELAXED);
+            return;
+        }
+    }
 }
 
 static void ek_dequantize_item(void *ctx, int64_t i, int slot) {
@@ -133,9 +155,9 @@ int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n
     int rc;
     const ek_format *f = ek_checked(type, n, nrows, x, out, 1, &rb, &rc);
     if (!f) return rc;
-    ek_job job = {f, x, NULL, NULL, out, nrows, n, rb, imatrix, flags};
+    ek_job job = {f, x, NULL, NULL, out, nrows, n, rb, imatrix, flags, EK_OK};
     ek_run_items(ek_quantize_item, &job, (nrows + EK_ITEM_ROWS - 1) / EK_ITEM_ROWS, nthreads, NULL);
-    return EK_OK;
+    return job.status; /* every worker has finished: ek_run_items joined them */
 }
 
 int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int variant,
@@ -144,7 +166,7 @@ int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, in
     int rc;
     const ek_format *f = ek_checked(type, n, nrows, q, out, 0, &rb, &rc);
     if (!f) return rc;
-    ek_job job = {f, NULL, q, out, NULL, nrows, n, rb, NULL, variant};
+    ek_job job = {f, NULL, q, out, NULL, nrows, n, rb, NULL, variant, EK_OK};
     ek_run_items(ek_dequantize_item, &job, (nrows + EK_ITEM_ROWS - 1) / EK_ITEM_ROWS, nthreads, runner);
     return EK_OK;
 }
@@ -152,3 +174,11 @@ int ek_dequantize_team(int type, const uint8_t *q, float *out, int64_t nrows, in
 int ek_dequantize(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int nthreads, int variant) {
     return ek_dequantize_team(type, q, out, nrows, n, variant, nthreads, NULL);
 }
+
+/* ------------------------------------------------------------------ test hook */
+
+static int g_fail_alloc;
+
+int ek_test_fail_alloc(int on) { return __atomic_exchange_n(&g_fail_alloc, on != 0, __ATOMIC_SEQ_CST); }
+
+int ek_alloc_should_fail(void) { return __atomic_load_n(&g_fail_alloc, __ATOMIC_RELAXED); }

@@ -9,7 +9,18 @@
 
 #define QK_K 256
 
-/* Round to nearest, ties to even, via the 1.5*2^23 trick (spec 2.3 RNE). */
+/* Library-internal: not exported from the shared object. */
+#if defined(__GNUC__)
+#define EK_HIDDEN __attribute__((visibility("hidden")))
+#else
+#define EK_HIDDEN
+#endif
+
+/* 1 while the test hook ek_test_fail_alloc is on: the row kernels then treat their
+ * scratch allocation as failed (dispatch.c). */
+EK_HIDDEN int ek_alloc_should_fail(void);
+
+/* Round to nearest, ties to even, via the 1.5*2^23 trick (ggml's nearest_int). */
 static inline int ek_nearest_int(float fval) {
     float val = fval + 12582912.f;
     int i;

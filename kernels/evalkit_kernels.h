@@ -2,7 +2,8 @@
  *
  * Quantization formats originate in ik_llama.cpp / llama.cpp (ggml). The IQ*_K
  * family was created by Iwan Kawrakow. This is an independent implementation
- * written from evalkit's specification (shared/spec/iqk-formats.md).
+ * written from evalkit's specification of the reference's quantizers and dequantizers
+ * (ggml/src/iqk/iqk_quantize.cpp of ik_llama.cpp).
  *
  * Every function works on whole rows; rows never interact, so any split of rows
  * across threads gives identical bytes.
@@ -52,17 +53,24 @@ enum ek_status {
 
 /* Per-row kernels implemented by each format's source file.
  * quantize: x has n floats, y receives row_size(type, n) bytes, qw is NULL or n
- * importance weights shared by all rows (the kernel applies the type's sanitizer). */
-typedef void (*ek_quantize_row_fn)(const float *x, uint8_t *y, int64_t n, const float *qw, int flags);
+ * importance weights shared by all rows (the kernel applies the type's sanitizer).
+ * Returns EK_OK, or EK_ERR_NO_MEMORY when its scratch memory (or, for the KT types,
+ * the codebook) could not be allocated; the row is then all zero bytes. */
+typedef int (*ek_quantize_row_fn)(const float *x, uint8_t *y, int64_t n, const float *qw, int flags);
 typedef void (*ek_dequantize_row_fn)(const uint8_t *y, float *x, int64_t n, int variant);
 
 /* Bytes of one row of n elements, or a negative ek_status. */
 int64_t ek_row_size(int type, int64_t n_per_row);
+/* Geometry of a type: elements per block, bytes per block, bytes of the per-row header
+ * (any pointer may be NULL). Returns EK_OK, or EK_ERR_UNKNOWN_TYPE for an id the library
+ * does not know (which also enumerates the known ids). */
+int ek_format_info(int type, int *block_size, int *type_size, int *header_bytes);
 /* 1 when the library has a quantizer / dequantizer for the type. */
 int ek_has_quantize(int type);
 int ek_has_dequantize(int type);
 
-/* Quantize nrows rows of n_per_row floats into out (nrows * row_size bytes). */
+/* Quantize nrows rows of n_per_row floats into out (nrows * row_size bytes).
+ * EK_ERR_NO_MEMORY when a row kernel ran out of memory (the output is then unusable). */
 int ek_quantize(int type, const float *x, uint8_t *out, int64_t nrows, int64_t n_per_row,
                 const float *imatrix, int nthreads, int flags);
 /* Dequantize nrows rows into out (nrows * n_per_row floats). */
@@ -97,6 +105,11 @@ int ek_has_norm_act(void);
 int ek_rms_norm(const float *x, const float *w, float *out, int64_t outer, int64_t inner, int64_t n,
                 int64_t x_outer_stride, int64_t x_inner_stride, float eps, int nthreads, ek_team_runner runner);
 int ek_swiglu(const float *g, const float *u, float *out, int64_t n, int nthreads, ek_team_runner runner);
+
+/* Test hook: while on != 0, every row kernel's scratch allocation fails, so that the
+ * EK_ERR_NO_MEMORY path can be exercised (the KT codebooks, built once per process, are
+ * not affected). Returns the previous setting. */
+int ek_test_fail_alloc(int on);
 
 /* fp16 / bf16 helpers (round to nearest even, as F16C with immediate 0). */
 uint16_t ek_fp32_to_fp16(float f);

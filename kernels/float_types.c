@@ -58,25 +58,28 @@ static uint16_t ek_fp32_to_bf16(float f) {
     return (uint16_t)((x + (0x7fffu + ((x >> 16) & 1))) >> 16);
 }
 
-void ek_quantize_row_f32(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_f32(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)qw; (void)flags;
     for (int64_t i = 0; i < n; ++i) ek_wrf32(y + 4 * i, x[i]);
+    return EK_OK;
 }
 void ek_dequantize_row_f32(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     for (int64_t i = 0; i < n; ++i) x[i] = ek_rdf32(y + 4 * i);
 }
-void ek_quantize_row_f16(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_f16(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)qw; (void)flags;
     for (int64_t i = 0; i < n; ++i) ek_wr16(y + 2 * i, ek_fp32_to_fp16(x[i]));
+    return EK_OK;
 }
 void ek_dequantize_row_f16(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;
     for (int64_t i = 0; i < n; ++i) x[i] = ek_fp16_to_fp32(ek_rd16(y + 2 * i));
 }
-void ek_quantize_row_bf16(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_bf16(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)qw; (void)flags;
     for (int64_t i = 0; i < n; ++i) ek_wr16(y + 2 * i, ek_fp32_to_bf16(x[i]));
+    return EK_OK;
 }
 void ek_dequantize_row_bf16(const uint8_t *y, float *x, int64_t n, int variant) {
     (void)variant;

@@ -2,8 +2,8 @@
  * 4-bit block scales, 76 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 3).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq2_k_impl and dequantize_row_iq2_k (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Block: d (fp16) | extra (u16 shift bits) | scales[8] (nibbles) | qs[64].
  */
@@ -70,7 +70,7 @@ static void iq2k_quantize_block(const float *xbl, const float *qw, uint8_t *blk)
     ek_wr16(blk, ek_fp32_to_fp16(1.030f * (sumq2 > 0 ? sumqx / sumq2 : D)));
 }
 
-void ek_quantize_row_iq2_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq2_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     float wbuf[QK_K];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
@@ -82,6 +82,7 @@ void ek_quantize_row_iq2_k(const float *x, uint8_t *y, int64_t n, const float *q
         }
         iq2k_quantize_block(xbl, q, y + IQ2K_BYTES * ibl);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq2_k(const uint8_t *y, float *x, int64_t n, int variant) {

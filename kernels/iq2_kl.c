@@ -3,8 +3,8 @@
  * 32 weights, 86 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 13 and appendix A.2).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq2_kl_impl and dequantize_row_iq2_kl (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Row: d_row (fp16) | blocks. Block: scales_h (u16, 2 bits per 32-block) |
  * scales_l[4] (byte b%4, high nibble for b >= 4) | qs[64] (low 4 bits of the
@@ -16,7 +16,8 @@
 
 #define IQ2KL_BYTES 86
 
-/* Grid point i = (first, second), both V3 base values (spec 13.1). */
+/* Grid point i = (first, second), both V3 base values (the reference's iq2kl_values,
+ * low byte first). */
 static const int8_t iq2kl_grid[32][2] = {
     {-63, -23}, {-63, 13}, {-40, -63}, {-40, -10}, {-40, 13}, {-40, 47}, {-23, -40}, {-23, -23},
     {-23, 1},   {-23, 13}, {-23, 28},  {-10, -63}, {-10, 1},  {-10, 13}, {-10, 47},  {1, -23},
@@ -85,7 +86,8 @@ static const float iq2kl_nbf[32][2][8] = {
     {{28, 28, 47, 13, 1, 28, -10, 1}, {47, 28, 13, 13, 28, 1, 47, 13}},
 };
 
-/* The end of IDX (spec 13.3): the grid point for the scaled pair (s1, s2)
+/* The end of IDX (the `index` lambda of quantize_row_iq2_kl_impl): the grid point for
+ * the scaled pair (s1, s2)
  * whose two NI3 indices gave the map entry m. */
 static inline int iq2kl_pick(int m, float s1, float s2, float w1, float w2) {
     if (m >= 0) return m;
@@ -109,7 +111,8 @@ static inline int iq2kl_pick(int m, float s1, float s2, float w1, float w2) {
     return nb[bi];
 }
 
-/* IDX (spec 13.3): grid index for the pair (x1, x2) at inverse scale id; th
+/* IDX (the `index` lambda of quantize_row_iq2_kl_impl): grid index for the pair
+ * (x1, x2) at inverse scale id; th
  * are the NI3 thresholds of the V3 base half (iqks_common.h). */
 static inline int iq2kl_idx(const float *th, float id, float x1, float x2, float w1, float w2) {
     const float s1 = id * x1, s2 = id * x2;
@@ -186,7 +189,7 @@ static float iq2kl_fit_block(const void *th, const float *xb, const float *w, ui
     return iq2kl_block_scale((const float *)th, xb, w, m);
 }
 
-void ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
     memset(y, 0, 2 + (size_t)nbl * IQ2KL_BYTES); /* header fp16(0) */
@@ -194,7 +197,7 @@ void ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *
 
     float stack_s[EK_IQKS_STACK_BLOCKS];
     float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
-    if (!scales) return; /* no memory: an all-zero row decodes to zeros */
+    if (!scales) return EK_ERR_NO_MEMORY; /* the row stays all zero */
 
     float th[7];
     ek_iqks_ni_thresholds(3, ek_iqk_v3f, th);
@@ -244,6 +247,7 @@ void ek_quantize_row_iq2_kl(const float *x, uint8_t *y, int64_t n, const float *
     ek_wr16(y, ek_fp32_to_fp16(1.025f * (sumq2 > 0 ? sumqx / sumq2 : D)));
 done:
     ek_iqks_scratch_free(scales, stack_s);
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq2_kl(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -2,8 +2,9 @@
  * 5-bit block scales and shift bits per 32 weights, 70 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 8).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq2_ks_fast_impl, quantize_row_iq2_ks_impl and
+ * dequantize_row_iq2_ks (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Row: d_row (fp16) | blocks. Block: extra (u16: bits 0..7 shift flags, bits
  * 8..15 high bit of the scale code) | scales[4] (low nibbles, byte b/2) |
@@ -31,7 +32,7 @@ static inline void iq2ks_put_code(uint8_t *blk, int ib, int code) {
     blk[1] |= (uint8_t)((code >> 4) << ib); /* extra bit 8 + ib */
 }
 
-/* ------------------------------------------------------------ slow path (8.3) */
+/* ------------------------------------- slow path (quantize_row_iq2_ks_impl) */
 
 static void iq2ks_quantize_slow(const float *x, uint8_t *y, int64_t n, const float *qw, float *s, float *c,
                                 int8_t *L) {
@@ -93,7 +94,7 @@ static void iq2ks_quantize_slow(const float *x, uint8_t *y, int64_t n, const flo
     ek_wr16(y, ek_fp32_to_fp16(1.030f * (sumq2 > 0 ? sumqx / sumq2 : D)));
 }
 
-/* ------------------------------------------------------------ fast path (8.4) */
+/* -------------------------------- fast path (quantize_row_iq2_ks_fast_impl) */
 
 /* The reference's fast path accumulates in eight AVX2 lanes: element j of a
  * 32-block goes to lane j % 8, lanes accumulate with fused multiply-adds, and
@@ -102,9 +103,9 @@ static inline float iq2ks_hsum8(const float *a) {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-/* Portable form, written as the spec reads (used on every CPU and compiler
- * without the AVX2 form below): fmaf is a correctly rounded fused operation
- * everywhere, so the bytes do not depend on the machine. */
+/* Portable form of the reference's AVX2 compute_1block_iq2ks, lane by lane (used on
+ * every CPU and compiler without the AVX2 form below): fmaf is a correctly rounded
+ * fused operation everywhere, so the bytes do not depend on the machine. */
 
 /* Index of the table value nearest to x at scale delta: p[k] = fl(delta*T[k]),
  * rounded squares of x - p[k] ("plus") or x + p[k] ("minus"), strict '<' so
@@ -472,7 +473,7 @@ static void iq2ks_quantize_fast(const float *x, uint8_t *y, int64_t n, const flo
     ek_wr16(y, ek_fp32_to_fp16(1.0f * (SQ > 0 ? SX / SQ : D)));
 }
 
-void ek_quantize_row_iq2_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq2_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     const int64_t nbl = n / QK_K;
     memset(y, 0, 2 + (size_t)nbl * IQ2KS_BYTES);
     const int slow = flags & EK_QFLAG_IQ2KS_SLOW;
@@ -482,12 +483,13 @@ void ek_quantize_row_iq2_ks(const float *x, uint8_t *y, int64_t n, const float *
     const size_t bytes = G * (2 * sizeof(float) + 1) + (slow ? 0 : sizeof(float) * (size_t)n) + sizeof(float);
     float stack_buf[4096];
     float *buf = ek_iqks_scratch(stack_buf, sizeof stack_buf, bytes);
-    if (!buf) return; /* no memory: an all-zero row decodes to zeros */
+    if (!buf) return EK_ERR_NO_MEMORY; /* the row stays all zero */
     float *s = buf, *c = s + G, *wrow = c + G;
     int8_t *L = (int8_t *)(wrow + (slow ? 0 : n));
     if (slow) iq2ks_quantize_slow(x, y, n, qw, s, c, L);
     else iq2ks_quantize_fast(x, y, n, qw, s, c, L, wrow);
     ek_iqks_scratch_free(buf, stack_buf);
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq2_ks(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -2,8 +2,8 @@
  * signed odd block scales, 110 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 4).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq3_k_impl and dequantize_row_iq3_k (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Block: d (fp16) | extra (u16) | scales_h (u16 sign bits) | scales_l[8] |
  *        qs[64] (low 2 bits) | qh[32] (bit 2).
@@ -73,7 +73,7 @@ static void iq3k_quantize_block(const float *xbl, const float *qw, uint8_t *blk)
     ek_wr16(blk, ek_fp32_to_fp16(1.01f * (sumq2 > 0 ? sumqx / sumq2 : D)));
 }
 
-void ek_quantize_row_iq3_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq3_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     float wbuf[QK_K];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
@@ -85,6 +85,7 @@ void ek_quantize_row_iq3_k(const float *x, uint8_t *y, int64_t n, const float *q
         }
         iq3k_quantize_block(xbl, q, y + IQ3K_BYTES * ibl);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq3_k(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -2,8 +2,8 @@
  * 5-bit block scales and shift bits per 32 weights, 102 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 9).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq3_ks_impl and dequantize_row_iq3_ks (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Row: d_row (fp16) | blocks. Block: extra (u16: bits 0..7 high bit of the
  * scale code, bits 8..15 shift flags) | scales[4] (low nibbles: byte b%4, high
@@ -22,7 +22,7 @@ static float iq3ks_fit_block(const void *bf, const float *xb, const float *w, ui
     return d;
 }
 
-void ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
     memset(y, 0, 2 + (size_t)nbl * IQ3KS_BYTES);
@@ -30,7 +30,7 @@ void ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *
 
     float stack_s[EK_IQKS_STACK_BLOCKS];
     float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
-    if (!scales) return; /* no memory: an all-zero row decodes to zeros */
+    if (!scales) return EK_ERR_NO_MEMORY; /* the row stays all zero */
 
     ek_iqks_bf bf; /* BF set-up: V3, ntry 5, guard */
     ek_iqks_bf_init(&bf, 3, 5, 1);
@@ -79,6 +79,7 @@ void ek_quantize_row_iq3_ks(const float *x, uint8_t *y, int64_t n, const float *
     if (sumq2 > 0) ek_wr16(y, ek_fp32_to_fp16(sumqx / sumq2));
 done:
     ek_iqks_scratch_free(scales, stack_s);
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq3_ks(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -2,8 +2,8 @@
  * 6-bit signed block scales, 144 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 5).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq4_k_impl_bs16 and dequantize_row_iq4_k (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Block: d (fp16) | extra (u16) | scales_h[4] (2 bits each) | scales_l[8] | qs[128].
  */
@@ -71,7 +71,7 @@ static void iq4k_quantize_block(const float *xbl, const float *qw, uint8_t *blk)
             blk[16 + 16 * g + t] = (uint8_t)(L[32 * g + t] | (L[32 * g + 16 + t] << 4));
 }
 
-void ek_quantize_row_iq4_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq4_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     float wbuf[QK_K];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
@@ -83,6 +83,7 @@ void ek_quantize_row_iq4_k(const float *x, uint8_t *y, int64_t n, const float *q
         }
         iq4k_quantize_block(xbl, q, y + IQ4K_BYTES * ibl);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq4_k(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -3,8 +3,9 @@
  * 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 10).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq4_k_impl_bs128 (as quantize_iq4_ks calls it) and
+ * dequantize_row_iq4_ks (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Row: d_row (float32) | blocks. Block: scales[8] (bit 0 shift, bits 1..7
  * code; effective scale (byte & 0xFE) - 127) | qs[128] (block b: bytes 16b..,
@@ -35,9 +36,9 @@ static void iq4ks_encode(const float *xb, const float *w, int ls, float idl, int
     *sumq2 = sq;
 }
 
-void ek_quantize_row_iq4_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq4_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
-    ek_iqks_quantize_odd7_row(x, y, n, qw, IQ4KS_BYTES, 4, 7, iq4ks_encode);   /* V4, ntry 7 */
+    return ek_iqks_quantize_odd7_row(x, y, n, qw, IQ4KS_BYTES, 4, 7, iq4ks_encode);   /* V4, ntry 7 */
 }
 
 void ek_dequantize_row_iq4_ks(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -4,8 +4,8 @@
  * IQ4_KS-style scale byte. 128 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 12).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq4_kss_impl and dequantize_row_iq4_kss (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Word k of 32-block b: bit 0 = bit k of the scale byte; bits 1..15 = J with
  * v = (J << 1) ^ J holding the indices of elements 2k, 2k+16, 2k+1, 2k+17 in
@@ -24,7 +24,7 @@ static inline int iq4kss_elem(int k, int j) { return 2 * k + (j & 1) * 16 + (j >
  * parity of a quadruple is that of the XOR of its four indices. */
 static inline int iq4kss_par(int q) { return (0x6996 >> q) & 1; }
 
-/* PRUNE's replacement candidates for an index q (spec 12.2): the q' within
+/* PRUNE's replacement candidates for an index q (prune_iq4ks): the q' within
  * q-2..q+2, inside 0..15, whose popcount parity differs from q's, ascending;
  * -1 pads the unused slots. */
 static const int8_t iq4kss_alt[16][3] = {
@@ -32,7 +32,7 @@ static const int8_t iq4kss_alt[16][3] = {
     {6, 9, 10}, {7, 8, 11}, {8, 11, -1}, {9, 10, 12}, {11, 13, 14}, {12, 15, -1}, {12, 15, -1}, {13, 14, -1},
 };
 
-/* PRUNE (spec 12.2) on the four indices c[] of one group: when their parity
+/* PRUNE (the reference's prune_iq4ks) on the four indices c[] of one group: when their parity
  * is odd, change the one index whose change costs least. pT[k] = fl(delta*T[k])
  * for the group's table half, pB[k] = fl(delta*V4base[k]): the reference
  * error always uses the base half. Scores are compared without branches
@@ -61,7 +61,7 @@ iq4kss_prune(int *c, const float *pT, const float *pB, const float *xv, const fl
     if (bj >= 0) c[bj] = bq; /* bj < 0 only with non-finite scores */
 }
 
-/* NI4 (spec 2.5) of the plus and minus arguments fl(id*xv[j]) and
+/* NI4 (best_index_iq4nl) of the plus and minus arguments fl(id*xv[j]) and
  * -fl(id*xv[j]) of one group at once: the index is the number of thresholds
  * <= t (iqks_common.h), counted in the eight lanes of a GNU C vector. The
  * reference's INT_MIN corner (t >= 2^31 gives 0) cannot occur here: the
@@ -145,7 +145,60 @@ static float iq4kss_fit_block(const void *th, const float *xb, const float *w, u
     return iq4kss_block_scale(xg, wg, m, (const float (*)[15])th);
 }
 
-void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+/* Pass 2 of one 32-block at odd block scale l: indices for both table halves, parity-
+ * repaired (PRUNE), the half with the smaller weighted error kept; writes the block's
+ * eight words to out and adds its weighted sums to *sumqx, *sumq2 (element order). */
+static void iq4kss_encode_block(const float *xb, const float *w, float D, int l, uint8_t *out, float *sumqx,
+                                float *sumq2) {
+    const float *T0 = ek_iqk_v4f, *T1 = ek_iqk_v4f + 16;
+    const float dl = D * (float)l, idl = 1 / dl;
+    float p0[16], p1[16];
+    for (int k = 0; k < 16; ++k) {
+        p0[k] = dl * T0[k];
+        p1[k] = dl * T1[k];
+    }
+    /* both table halves, parity-repaired; keep the one with less error */
+    int cp[8][4], cm[8][4];
+    float ep = 0, em = 0;
+    for (int k = 0; k < 8; ++k) {
+        float xv[4], wv[4];
+        for (int j = 0; j < 4; ++j) {
+            const int e = iq4kss_elem(k, j);
+            xv[j] = xb[e];
+            wv[j] = w[e];
+            const float t = idl * xv[j];
+            cp[k][j] = ek_iqk_ni4(T0, t);
+            cm[k][j] = ek_iqk_ni4(T1, t);
+        }
+        iq4kss_prune(cp[k], p0, p0, xv, wv);
+        iq4kss_prune(cm[k], p1, p0, xv, wv);
+        for (int j = 0; j < 4; ++j) {
+            const float rp = xv[j] - p0[cp[k][j]];
+            const float rm = xv[j] - p1[cm[k][j]];
+            ep += wv[j] * rp * rp;
+            em += wv[j] * rm * rm;
+        }
+    }
+    const int shift = em < ep;
+    const int8_t *Vi = ek_iqk_v4 + 16 * shift;
+    const int sbyte = (l + 127) | shift;
+    for (int k = 0; k < 8; ++k) {
+        const int *c = shift ? cm[k] : cp[k];
+        uint16_t v = 0;
+        for (int j = 0; j < 4; ++j) {
+            const int e = iq4kss_elem(k, j);
+            v |= (uint16_t)(c[j] << 4 * j);
+            const float qv = (float)(Vi[c[j]] * l);
+            const float wq = w[e] * qv;
+            *sumqx += wq * xb[e];
+            *sumq2 += wq * qv;
+        }
+        const uint16_t word = (uint16_t)((iq4kss_encode(v) << 1) | ((sbyte >> k) & 1));
+        ek_wr16(out + 2 * k, word);
+    }
+}
+
+int ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nbl = n / QK_K;
     memset(y, 0, 4 + (size_t)nbl * IQ4KSS_BYTES); /* header 0.0f */
@@ -153,7 +206,7 @@ void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float 
 
     float stack_s[EK_IQKS_STACK_BLOCKS];
     float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
-    if (!scales) return; /* no memory: an all-zero row decodes to zeros */
+    if (!scales) return EK_ERR_NO_MEMORY; /* the row stays all zero */
 
     float th[2][15];
     ek_iqks_ni_thresholds(4, ek_iqk_v4f, th[0]);
@@ -167,7 +220,6 @@ void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float 
     if (D == 0) goto done;
 
     const float iD = 1 / D;
-    const float *T0 = ek_iqk_v4f, *T1 = ek_iqk_v4f + 16;
     float sumqx = 0, sumq2 = 0;
     for (int64_t ibl = 0; ibl < nbl; ++ibl) {
         const float *xbl = x + QK_K * ibl;
@@ -179,56 +231,13 @@ void ek_quantize_row_iq4_kss(const float *x, uint8_t *y, int64_t n, const float 
             ek_iqk_weights(xb, q ? q + 32 * ib : NULL, 32, sigma2, EK_IQK_W_SQUARE, w);
             const int l = 2 * ek_iqks_clampi(ek_nearest_int(0.5f * (iD * scales[8 * ibl + ib] + 127.f)), 0, 127)
                           - 127;
-            const float dl = D * (float)l, idl = 1 / dl;
-            float p0[16], p1[16];
-            for (int k = 0; k < 16; ++k) {
-                p0[k] = dl * T0[k];
-                p1[k] = dl * T1[k];
-            }
-            /* both table halves, parity-repaired; keep the one with less error */
-            int cp[8][4], cm[8][4];
-            float ep = 0, em = 0;
-            for (int k = 0; k < 8; ++k) {
-                float xv[4], wv[4];
-                for (int j = 0; j < 4; ++j) {
-                    const int e = iq4kss_elem(k, j);
-                    xv[j] = xb[e];
-                    wv[j] = w[e];
-                    const float t = idl * xv[j];
-                    cp[k][j] = ek_iqk_ni4(T0, t);
-                    cm[k][j] = ek_iqk_ni4(T1, t);
-                }
-                iq4kss_prune(cp[k], p0, p0, xv, wv);
-                iq4kss_prune(cm[k], p1, p0, xv, wv);
-                for (int j = 0; j < 4; ++j) {
-                    const float rp = xv[j] - p0[cp[k][j]];
-                    const float rm = xv[j] - p1[cm[k][j]];
-                    ep += wv[j] * rp * rp;
-                    em += wv[j] * rm * rm;
-                }
-            }
-            const int shift = em < ep;
-            const int8_t *Vi = ek_iqk_v4 + 16 * shift;
-            const int sbyte = (l + 127) | shift;
-            for (int k = 0; k < 8; ++k) {
-                const int *c = shift ? cm[k] : cp[k];
-                uint16_t v = 0;
-                for (int j = 0; j < 4; ++j) {
-                    const int e = iq4kss_elem(k, j);
-                    v |= (uint16_t)(c[j] << 4 * j);
-                    const float qv = (float)(Vi[c[j]] * l);
-                    const float wq = w[e] * qv;
-                    sumqx += wq * xb[e];
-                    sumq2 += wq * qv;
-                }
-                const uint16_t word = (uint16_t)((iq4kss_encode(v) << 1) | ((sbyte >> k) & 1));
-                ek_wr16(blk + 16 * ib + 2 * k, word);
-            }
+            iq4kss_encode_block(xb, w, D, l, blk + 16 * ib, &sumqx, &sumq2);
         }
     }
     if (sumq2 > 0) ek_wrf32(y, sumqx / sumq2 * 1.01f);
 done:
     ek_iqks_scratch_free(scales, stack_s);
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq4_kss(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -2,8 +2,8 @@
  * 6-bit signed block scales, 176 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 6).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq5_k_impl and dequantize_row_iq5_k (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Block: d (fp16) | extra (u16) | scales_h[4] | scales_l[8] | qs[128] (low
  *        4 bits) | qh[32] (bit 4).
@@ -72,7 +72,7 @@ static void iq5k_quantize_block(const float *xbl, const float *qw, uint8_t *blk)
     if (sumq2 > 0) ek_wr16(blk, ek_fp32_to_fp16(sumqx / sumq2));
 }
 
-void ek_quantize_row_iq5_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq5_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     float wbuf[QK_K];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
@@ -84,6 +84,7 @@ void ek_quantize_row_iq5_k(const float *x, uint8_t *y, int64_t n, const float *q
         }
         iq5k_quantize_block(xbl, q, y + IQ5K_BYTES * ibl);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq5_k(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -3,8 +3,8 @@
  * 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 11).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq5_ks_impl and dequantize_row_iq5_ks (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Row: d_row (float32) | blocks. Block: scales[8] (as IQ4_KS) | qs[128] (low 4
  * bits, IQ5_K placement) | qh[32] (bit 4: byte e % 32, bit e / 32).
@@ -34,9 +34,9 @@ static void iq5ks_encode(const float *xb, const float *w, int ls, float idl, int
     *sumq2 = sq;
 }
 
-void ek_quantize_row_iq5_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq5_ks(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
-    ek_iqks_quantize_odd7_row(x, y, n, qw, IQ5KS_BYTES, 5, 5, iq5ks_encode);   /* V5, ntry 5 */
+    return ek_iqks_quantize_odd7_row(x, y, n, qw, IQ5KS_BYTES, 5, 5, iq5ks_encode);   /* V5, ntry 5 */
 }
 
 void ek_dequantize_row_iq5_ks(const uint8_t *y, float *x, int64_t n, int variant) {

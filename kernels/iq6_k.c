@@ -2,14 +2,14 @@
  * int8 block scales, 212 bytes per 256 weights.
  *
  * The format was created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 7).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * quantize_row_iq6_k_impl and dequantize_row_iq6_k (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Block: d (fp16) | extra (u16) | scales[16] (int8) | qs[128] (low 4 bits) |
  *        qh[64] (high 2 bits).
  *
  * Two dequantizers exist in the reference: the CPU to_float evaluates a cubic
- * in the code (variant 0, values of spec A.3, unfused), the matmul kernels use
+ * in the code (variant 0, dequantize_row_iq6_k's values, unfused), the matmul kernels use
  * the integer table the quantizer optimised for (variant 1).
  */
 #include "iqk_common.h"
@@ -72,7 +72,7 @@ static void iq6k_quantize_block(const float *xbl, const float *qw, uint8_t *blk)
     if (sumq2 > 0) ek_wr16(blk, ek_fp32_to_fp16(sumqx / sumq2));
 }
 
-void ek_quantize_row_iq6_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq6_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     float wbuf[QK_K];
     for (int64_t ibl = 0; ibl < n / QK_K; ++ibl) {
@@ -84,6 +84,7 @@ void ek_quantize_row_iq6_k(const float *x, uint8_t *y, int64_t n, const float *q
         }
         iq6k_quantize_block(xbl, q, y + IQ6K_BYTES * ibl);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq6_k(const uint8_t *y, float *x, int64_t n, int variant) {

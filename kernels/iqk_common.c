@@ -3,13 +3,14 @@
  * the IQ2 partition search and the scale-of-scales search SS.
  *
  * The IQK formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, sections 2.4-2.8, appendix A). Tables are facts
- * transcribed from the spec.
+ * independent implementation written from evalkit's specification of the pieces
+ * ik_llama.cpp's quantize_row_iq*_k_impl functions share (ggml/src/iqk/iqk_quantize.cpp).
+ * Tables are facts transcribed from the reference.
  */
 #include "iqk_common.h"
 
-/* ---- tables (spec 2.4, A.1, A.3) ---- */
+/* ---- tables (iq2nl_values ... iq6nl_values, the iq*nl_index search tables, and
+ *      dequantize_row_iq6_k's values) ---- */
 const int8_t ek_iqk_v2[8] = {
      -31,  -13,    1,   17,  -26,   -8,    6,   22,
 };
@@ -160,7 +161,7 @@ const float ek_iqk_iq6k_cubic[128] = {
     0x1.a09efp+6f, 0x1.b7f054p+6f, 0x1.d01ca4p+6f, 0x1.e92b4cp+6f,
 };
 
-/* ---- importance weights (spec 2.6) ---- */
+/* ---- importance weights (QHelper::row_weights; the weights of quantize_row_*_impl) ---- */
 
 void ek_iqk_sanitize_imatrix(const float *x, const float *qw, float *out, int n, int bs) {
     /* The threshold is the float product 1e-9f*1e-9f scaled by the group size. */
@@ -201,7 +202,7 @@ void ek_iqk_weights(const float *x, const float *qw, int n, float sigma2, int mo
     }
 }
 
-/* ---- scale of scales SS (spec 2.8) ---- */
+/* ---- scale of scales SS (ik_llama.cpp's make_qx_quants) ---- */
 
 static inline int ek_iqk_clampi(int v, int lo, int hi) { return v < lo ? lo : v > hi ? hi : v; }
 
@@ -243,7 +244,8 @@ float ek_iqk_scale_of_scales(int n, int nmax, const float *s, const float *c, in
     return D;
 }
 
-/* ---- block fit BF (spec 2.8) ---- */
+/* ---- block fit BF (the per-block scale search of quantize_row_iq3_k_impl,
+ *      quantize_row_iq4_k_impl_bs16, quantize_row_iq5_k_impl, quantize_row_iq6_k_impl) ---- */
 
 /* EVAL: plus assignment for a = id*x_j, minus assignment for -a, both with the
  * table's own values; four independent accumulators. For NI3..NI5,
@@ -378,7 +380,7 @@ int ek_iqk_block_fit(int bits, const float *T0, const float *T1, const float *x,
     return ek_iqk_bf_body(bits, T0, T1, x, w, B, ntry, step, guard, refit, d, shift);
 }
 
-/* ---- IQ2 partition search (spec 3.3 step 1) ---- */
+/* ---- IQ2 partition search (the sorted-pairs search of quantize_row_iq2_k_impl) ---- */
 
 /* The four value assignments are evaluated side by side in the lanes of a GNU C
  * vector: every lane performs exactly the scalar float operations of the spec

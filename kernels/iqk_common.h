@@ -1,8 +1,8 @@
 /* Shared building blocks of the IQ*_K / IQ*_KS quantizers.
  *
  * The IQK formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, sections 2.4-2.8 and appendix A.1).
+ * independent implementation written from evalkit's specification of the pieces
+ * ik_llama.cpp's quantize_row_iq*_k_impl functions share (ggml/src/iqk/iqk_quantize.cpp).
  *
  * Everything here is pure (no mutable globals) and works on caller-provided
  * buffers, so it is thread-safe. Floating-point expressions are written in the
@@ -15,7 +15,7 @@
 #include <stdint.h>
 #include "ek_common.h"
 
-/* ---- value tables (spec 2.4): base half followed by the shifted half ---- */
+/* ---- value tables (iq2nl_values ... iq6nl_values): base half, then shifted half ---- */
 extern const int8_t ek_iqk_v2[8];     /* IQ2_K, IQ2_KS           (shift +5) */
 extern const int8_t ek_iqk_v3[16];    /* IQ3_K, IQ3_KS, IQ2_KL   (shift +4) */
 extern const int8_t ek_iqk_v4[32];    /* IQ4_K, IQ4_KS, IQ4_KSS  (shift +4) */
@@ -27,10 +27,10 @@ extern const float ek_iqk_v3f[16];
 extern const float ek_iqk_v4f[32];
 extern const float ek_iqk_v5f[64];
 extern const float ek_iqk_v6f[128];
-/* IQ6_K CPU to_float values P(q) (+1 for the shifted half), unfused (spec A.3). */
+/* IQ6_K CPU to_float values P(q) (+1 for the shifted half), unfused (dequantize_row_iq6_k). */
 extern const float ek_iqk_iq6k_cubic[128];
 
-/* ---- nearest-value search NI (spec 2.5, acceleration tables of A.1) ---- */
+/* ---- nearest-value search NI (best_index_iq*nl, acceleration tables iq*nl_index) ---- */
 extern const uint8_t ek_iqk_ni3_tab[111];
 extern const uint8_t ek_iqk_ni4_tab[241];
 extern const uint8_t ek_iqk_ni5_tab[248];
@@ -88,7 +88,7 @@ static inline int ek_iqk_ni_int(const float *V, float t, const uint8_t *tab, int
 static inline int ek_iqk_ni3(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni3_tab, 111, 8); }
 static inline int ek_iqk_ni4(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni4_tab, 241, 16); }
 static inline int ek_iqk_ni5(const float *V, float t) { return ek_iqk_ni_int(V, t, ek_iqk_ni5_tab, 247, 32); }
-/* NI6 subtracts in float before truncating (spec 2.5). */
+/* NI6 subtracts in float before truncating (best_index_iq6nl). */
 static inline int ek_iqk_ni6(const float *V, float t) {
     const float u = t - V[0];
     if (!ek_iqk_trunc_ok(u)) return 0;
@@ -106,7 +106,7 @@ static inline int ek_iqk_ni(int bits, const float *V, float t) {
     }
 }
 
-/* ---- importance weights (spec 2.6) ---- */
+/* ---- importance weights (QHelper::row_weights; the weights of quantize_row_*_impl) ---- */
 
 /* Sanitizer S(bs) for one span of n columns (n a multiple of bs; the span must
  * start on a bs-aligned column). x: the row's inputs for those columns, qw: the
@@ -126,7 +126,7 @@ enum ek_iqk_wmode {
 /* w_j for j < n: qw_j*sqrt(sigma2 + x_j^2) when qw (sanitized) is given, else per mode. */
 void ek_iqk_weights(const float *x, const float *qw, int n, float sigma2, int mode, float *w);
 
-/* ---- shared procedures (spec 2.8) ---- */
+/* ---- shared procedures (make_qx_quants and the block scale searches) ---- */
 
 /* Scale-of-scales SS(n, nmax, s, c): returns D; when L is not NULL it receives
  * the codes L_i = l_i + nmax (0..2*nmax-1). */
@@ -146,7 +146,7 @@ enum ek_iqk_bf_result {
 int ek_iqk_block_fit(int bits, const float *T0, const float *T1, const float *x, const float *w, int B,
                      int ntry, int step, int guard, int refit, float *d, int *shift);
 
-/* IQ2 partition search (spec 3.3 step 1; IQ2_KS slow path with B = 32,
+/* IQ2 partition search (quantize_row_iq2_k_impl; quantize_row_iq2_ks_impl with B = 32,
  * max_i1 = 24, min_i3 = 8). B <= 32. The caller has checked that the block is
  * not empty. Tries i1 < max_i1, i2 in [i1, B), i3 in [max(i2, min_i3), B), the
  * four value assignments per partition, ACC with best = 0, d = 0. V is the

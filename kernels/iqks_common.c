@@ -1,8 +1,9 @@
 /* Shared pieces of the row-scaled IQK kernels (see iqks_common.h).
  *
  * The formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 2.5).
+ * independent implementation written from evalkit's specification of ik_llama.cpp's
+ * nearest-value searches (best_index_iq*nl) and the block scale searches of its
+ * row-scaled quantizers (ggml/src/iqk/iqk_quantize.cpp).
  */
 #include "iqks_common.h"
 
@@ -19,7 +20,7 @@ static inline float iqks_unkey(int64_t k) {
     return f;
 }
 
-/* The nearest-value searches of spec 2.5 are monotone in t (the table
+/* The nearest-value searches (best_index_iq*nl) are monotone in t (the table
  * procedure equals the plain float32 rule, which is monotone, except for one
  * input where it answers the lower index, which keeps it monotone). So for
  * each i there is a smallest float th[i] with NI(t) > i for all t >= th[i] and
@@ -50,7 +51,8 @@ void ek_iqks_ni_thresholds(int bits, const float *V, float *th) {
     }
 }
 
-/* ---- block fit BF for 32-blocks (spec 2.8), candidates side by side ----
+/* ---- block fit BF for 32-blocks (quantize_row_iq3_ks_impl, quantize_row_iq4_k_impl_bs128,
+ *      quantize_row_iq5_ks_impl), candidates side by side ----
  *
  * BF evaluates 1 + 2(2*ntry + 1) candidate inverse scales (the initial one,
  * then t = -ntry..ntry for the base and the shifted half). Their sums are
@@ -108,7 +110,7 @@ static inline __attribute__((always_inline)) iqks_v8f iqks_ld8(const float *p) {
     return v;
 }
 
-/* The sums S+, Q+, S-, Q- of every candidate (spec 2.8 EVAL), bits fixed. */
+/* The sums S+, Q+, S-, Q- of every candidate (EVAL of the block fit), bits fixed. */
 static inline __attribute__((always_inline)) void
 iqks_bf_sums(const ek_iqks_bf *bf, int bits, const float *x, const float *w, float m, float id0, float *out) {
     const int nt = (1 << bits) - 1;
@@ -247,15 +249,15 @@ static float iqks_fit_block_scales(const float *x, const float *qw, int64_t n, u
                                     iqks_fit_bf_shift_bit0, &bf, scales));
 }
 
-void ek_iqks_quantize_odd7_row(const float *x, uint8_t *y, int64_t n, const float *qw, int block_bytes, int bits,
-                               int ntry, ek_iqks_encode_fn encode) {
+int ek_iqks_quantize_odd7_row(const float *x, uint8_t *y, int64_t n, const float *qw, int block_bytes, int bits,
+                              int ntry, ek_iqks_encode_fn encode) {
     const int64_t nbl = n / QK_K;
     memset(y, 0, 4 + (size_t)nbl * block_bytes); /* header 0.0f */
     uint8_t *blocks = y + 4;
 
     float stack_s[EK_IQKS_STACK_BLOCKS];
     float *scales = ek_iqks_scratch(stack_s, sizeof stack_s, sizeof(float) * (size_t)(n / 32));
-    if (!scales) return; /* no memory: an all-zero row decodes to zeros */
+    if (!scales) return EK_ERR_NO_MEMORY; /* the row stays all zero */
 
     /* pass 1: block scales and shift bits (no guard) */
     const float amax_s = iqks_fit_block_scales(x, qw, n, blocks, block_bytes, bits, ntry, scales);
@@ -286,4 +288,5 @@ void ek_iqks_quantize_odd7_row(const float *x, uint8_t *y, int64_t n, const floa
     if (sumq2 > 0) ek_wrf32(y, sumqx / sumq2);
 done:
     ek_iqks_scratch_free(scales, stack_s);
+    return EK_OK;
 }

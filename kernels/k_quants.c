@@ -561,12 +561,13 @@ static void q2k_block_imatrix(const float *x, uint8_t *y, const float *qwb) {
     kq_pack_2bit(L, y + Q2K_QS);
 }
 
-void ek_quantize_row_q2_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q2_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     for (int64_t ib = 0; ib < n / QK_K; ++ib) {
         if (qw) q2k_block_imatrix(x + ib * QK_K, y + ib * Q2K_BYTES, qw + ib * QK_K);
         else q2k_block_ref(x + ib * QK_K, y + ib * Q2K_BYTES);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q2_k(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -664,12 +665,13 @@ static void q3k_block_imatrix(const float *x, uint8_t *y, const float *qwb) {
     q3k_finish(x, y, L);
 }
 
-void ek_quantize_row_q3_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q3_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     for (int64_t ib = 0; ib < n / QK_K; ++ib) {
         if (qw) q3k_block_imatrix(x + ib * QK_K, y + ib * Q3K_BYTES, qw + ib * QK_K);
         else q3k_block_ref(x + ib * QK_K, y + ib * Q3K_BYTES);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q3_k(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -762,7 +764,7 @@ static void q45k_block(const float *x, uint8_t *y, const float *qwb, int nmax, u
     }
 }
 
-void ek_quantize_row_q4_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q4_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     uint8_t L[QK_K];
     for (int64_t ib = 0; ib < n / QK_K; ++ib) {
@@ -772,6 +774,7 @@ void ek_quantize_row_q4_k(const float *x, uint8_t *y, int64_t n, const float *qw
         for (int j = 0; j < QK_K; j += 64, q += 32)
             for (int l = 0; l < 32; ++l) q[l] = (uint8_t)(L[j + l] | (L[j + l + 32] << 4));
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q4_k(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -791,7 +794,7 @@ void ek_dequantize_row_q4_k(const uint8_t *y, float *x, int64_t n, int variant) 
     }
 }
 
-void ek_quantize_row_q5_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q5_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     uint8_t L[QK_K];
     for (int64_t ib = 0; ib < n / QK_K; ++ib) {
@@ -813,6 +816,7 @@ void ek_quantize_row_q5_k(const float *x, uint8_t *y, int64_t n, const float *qw
             m2 = (uint8_t)(m2 << 2);
         }
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q5_k(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -885,10 +889,11 @@ static void q6k_block(const float *x, uint8_t *y, const float *qwb) {
     }
 }
 
-void ek_quantize_row_q6_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q6_k(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     for (int64_t ib = 0; ib < n / QK_K; ++ib)
         q6k_block(x + ib * QK_K, y + ib * Q6K_BYTES, qw ? qw + ib * QK_K : NULL);
+    return EK_OK;
 }
 
 void ek_dequantize_row_q6_k(const uint8_t *y, float *x, int64_t n, int variant) {

@@ -1,10 +1,9 @@
 /* Trellis ("KT") codebooks and their search helpers.
  *
  * The KT formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 14) and from reading the reference
- * quantizer (class QuantizerIQKT in ggml/src/iqk/iqk_quantize.cpp); no code was
- * copied.
+ * independent implementation written from evalkit's specification and from reading
+ * the reference quantizer (class QuantizerIQKT in ggml/src/iqk/iqk_quantize.cpp); no
+ * code was copied.
  *
  * Bit-exactness notes. The reference search exists only as AVX2 code, so its
  * results depend on the order in which it adds things up: the candidate scores

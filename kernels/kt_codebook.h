@@ -3,8 +3,8 @@
  *
  * The KT formats (IQ1_KT, IQ2_KT, IQ3_KT, IQ4_KT) were created by Iwan Kawrakow in
  * ik_llama.cpp. This is an independent implementation written from evalkit's
- * specification (shared/spec/iqk-formats.md, section 14) and from reading the
- * reference quantizer; no code was copied.
+ * specification and from reading the reference quantizer (class QuantizerIQKT in
+ * ggml/src/iqk/iqk_quantize.cpp); no code was copied.
  *
  * Internal to the kernel library.
  */
@@ -15,7 +15,7 @@
 
 #define EK_KT_OFFSET 4096u
 
-/* The generator of section 14.1: group index i (offset already added by the
+/* The generator (QuantizerIQKT::set_values): group index i (offset already added by the
  * caller) -> g values v in -126..126 (|v| when is_abs), each multiplied by scale
  * with one rounding. */
 static inline void ek_kt_gen(uint32_t x, int g, int is_abs, float scale, float *out) {

@@ -4,12 +4,11 @@
  * a small scale per 32 weights.
  *
  * The formats were created by Iwan Kawrakow in ik_llama.cpp. This is an
- * independent implementation written from evalkit's specification
- * (shared/spec/iqk-formats.md, section 14) and from reading the reference
- * quantizers (quantize_row_iq*_kt_impl in ggml/src/iqk/iqk_quantize.cpp); no code
- * was copied.
+ * independent implementation written from evalkit's specification and from reading
+ * the reference quantizers (quantize_row_iq*_kt_impl in ggml/src/iqk/iqk_quantize.cpp)
+ * and dequantizers (dequantize_row_iq*_kt); no code was copied.
  *
- * Row: [float32 D][blocks of 256 weights]. Block layouts (section 14.2):
+ * Row: [float32 D][blocks of 256 weights]. Block layouts (block_iq*_kt in ggml-common.h):
  *   IQ1_KT  56 B: sh[8] | ql[32] | qh[16]
  *   IQ2_KT  68 B: scales[4] | 32 x u16 index
  *   IQ3_KT 100 B: scales[4] | 32 x u16 index | qh[32] sign bits
@@ -19,6 +18,9 @@
  * written (the library is compiled with -ffp-contract=off), matching the
  * reference built the same way; the only fused multiply-adds are the ones the
  * reference's AVX2 scale fit uses (kt_codebook.c).
+ *
+ * A row kernel returns EK_ERR_NO_MEMORY, after zeroing the row, when its codebook
+ * could not be built or its scratch memory could not be allocated.
  */
 #include <stdlib.h>
 
@@ -32,7 +34,8 @@
  * block scales. */
 static const int8_t kt_v4[16] = {-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113};
 
-/* Acceleration table of the 16-entry nearest-value search (spec 2.5, A.1).
+/* Acceleration table of the 16-entry nearest-value search (iq4nl_index, used by
+ * ik_llama.cpp's best_index_iq4nl).
  * Kept private here (the shared NI tables are another file's business). */
 static const uint8_t kt_ni4_table[241] = {
      0,  0,  0,  0,  0,  0,  0,  0,  0,  0,  0, 16, 16,  1,  1,  1,
@@ -53,7 +56,7 @@ static const uint8_t kt_ni4_table[241] = {
     15,
 };
 
-/* NI4 over kt_v4 (spec 2.5). The first step is C's float->int truncation; for
+/* best_index_iq4nl over kt_v4. The first step is C's float->int truncation; for
  * values outside the int range (never reached by the quantizers) we follow
  * x86's cvttss2si, which returns INT_MIN and hence index 0. */
 static inline int kt_ni4(float t) {
@@ -112,39 +115,137 @@ static float kt_row_amax(const float *x, int64_t n) {
     return m;
 }
 
-/* Scratch of one row: weights, block scales, indices, (IQ3_KT) chosen values. */
+/* Scratch of one row: weights, block scales, indices, (IQ3_KT) chosen values and
+ * (IQ4_KT) the per-block codebook flags. */
 typedef struct {
     float *w;
     float *scales;
     int *idx;
     float *qv;
+    uint8_t *flag;
 } kt_scratch;
 
-static int kt_scratch_alloc(kt_scratch *s, int64_t n, int g, int want_qv) {
-    s->w = malloc(sizeof(float) * (size_t)n);
-    s->scales = calloc((size_t)(n / KT_BLOCK), sizeof(float));
-    s->idx = calloc((size_t)(n / g), sizeof(int));
-    s->qv = want_qv ? calloc((size_t)n, sizeof(float)) : NULL;
-    return s->w && s->scales && s->idx && (!want_qv || s->qv);
-}
+enum { KT_WANT_QV = 1, KT_WANT_FLAG = 2 };
 
 static void kt_scratch_free(kt_scratch *s) {
     free(s->w);
     free(s->scales);
     free(s->idx);
     free(s->qv);
+    free(s->flag);
 }
 
-/* Unusable input state (no memory): an all-zero row decodes to zeros. */
+/* Scratch of a row of n weights in groups of g (want: KT_WANT_* bits); 0, with nothing
+ * left allocated, when out of memory or while the test hook ek_test_fail_alloc is on. */
+static int kt_scratch_alloc(kt_scratch *s, int64_t n, int g, int want) {
+    memset(s, 0, sizeof(*s));
+    if (ek_alloc_should_fail()) return 0;
+    s->w = malloc(sizeof(float) * (size_t)n);
+    s->scales = calloc((size_t)(n / KT_BLOCK), sizeof(float));
+    s->idx = calloc((size_t)(n / g), sizeof(int));
+    if (want & KT_WANT_QV) s->qv = calloc((size_t)n, sizeof(float));
+    if (want & KT_WANT_FLAG) s->flag = calloc((size_t)(n / KT_BLOCK), 1);
+    if (s->w && s->scales && s->idx && (s->qv || !(want & KT_WANT_QV)) && (s->flag || !(want & KT_WANT_FLAG)))
+        return 1;
+    kt_scratch_free(s);
+    return 0;
+}
+
+/* An all-zero row (it decodes to zeros). */
 static void kt_zero_row(uint8_t *y, int64_t n, int block_bytes) {
     memset(y, 0, 4 + (size_t)(n / QK_K) * block_bytes);
 }
 
+/* No codebook or no scratch memory: the row is zeroed and the call fails. */
+static int kt_no_memory(uint8_t *y, int64_t n, int block_bytes) {
+    kt_zero_row(y, n, block_bytes);
+    return EK_ERR_NO_MEMORY;
+}
+
 /* ---------------------------------------------------- IQ1_KT / IQ2_KT common */
 
+/* QuantizerIQKT::find_best_match and find_best_scale from the starting scale
+ * amax/scale_0 (indices in best_idx[0..3]) and from its negative (best_idx[4..7]). */
+static void kt_fit_pm(const ek_kt_codebook *cb, const float *xb, const float *w, float amax, float scale_0,
+                      int *best_idx, float *dp, float *score_p, float *dm, float *score_m) {
+    ek_kt_find_best_match(cb, amax / scale_0, xb, w, best_idx);
+    ek_kt_find_best_scale(cb, xb, w, best_idx, dp, score_p);
+    ek_kt_find_best_match(cb, -amax / scale_0, xb, w, best_idx + 4);
+    ek_kt_find_best_scale(cb, xb, w, best_idx + 4, dm, score_m);
+}
+
+/* Block scale (returned) and indices idx[4] of one non-empty 32-block: the better of
+ * the +/- fits from c0 = max(90, 124 amax/amax_row); IQ1_KT (two_starts) then tries
+ * c0 - 8 and keeps it when it scores higher. */
+static float kt_v4_block(const ek_kt_codebook *cb, const float *xb, const float *w, float amax, float amax_row,
+                         int two_starts, int *idx) {
+    int best_idx[8];
+    float scale_0 = 124.f * amax / amax_row;
+    scale_0 = 90.f > scale_0 ? 90.f : scale_0; /* std::max(90.f, .) */
+    float scale, dp, score_p, dm, score_m;
+    kt_fit_pm(cb, xb, w, amax, scale_0, best_idx, &dp, &score_p, &dm, &score_m);
+    const int *src = best_idx;
+    if (score_p > score_m) {
+        scale = dp;
+    } else {
+        scale = dm;
+        src += 4;
+        score_p = score_m;
+    }
+    for (int ig = 0; ig < 4; ++ig) idx[ig] = src[ig];
+    if (!two_starts) return scale;
+
+    /* second start point, c0 - 8 */
+    scale_0 -= 8;
+    float dp1, score_p1, dm1, score_m1;
+    kt_fit_pm(cb, xb, w, amax, scale_0, best_idx, &dp1, &score_p1, &dm1, &score_m1);
+    if (score_p1 > score_p || score_m1 > score_p) {
+        src = best_idx;
+        if (score_p1 > score_m1) {
+            scale = dp1;
+        } else {
+            scale = dm1;
+            src += 4;
+        }
+        for (int ig = 0; ig < 4; ++ig) idx[ig] = src[ig];
+    }
+    return scale;
+}
+
+/* First pass of IQ1_KT / IQ2_KT: zeroes the blocks, fits every 32-block (scale in
+ * s->scales, indices in s->idx) and returns the signed block scale of largest
+ * magnitude (0 when every block is empty). */
+static float kt_v4_first_pass(const ek_kt_codebook *cb, const float *x, int64_t n, kt_scratch *s, uint8_t *blocks,
+                              int block_bytes, int two_starts) {
+    const int nblock = (int)(n / QK_K);
+    const float amax_row = kt_row_amax(x, n);
+    float amax_scale = 0, max_scale = 0;
+    for (int ibl = 0; ibl < nblock; ++ibl) {
+        memset(blocks + block_bytes * ibl, 0, block_bytes);
+        for (int ib = 0; ib < KT_NBLOCK; ++ib) {
+            const int b = KT_NBLOCK * ibl + ib;
+            const float *xb = x + KT_BLOCK * b;
+            int *idx = s->idx + 4 * b;
+            const float amax = kt_row_amax(xb, KT_BLOCK);
+            if (amax < 1e-16f) {
+                s->scales[b] = 0;
+                for (int ig = 0; ig < 4; ++ig) idx[ig] = 0;
+                continue;
+            }
+            s->scales[b] = kt_v4_block(cb, xb, s->w + KT_BLOCK * b, amax, amax_row, two_starts, idx);
+            const float as = fabsf(s->scales[b]);
+            if (as > amax_scale) {
+                amax_scale = as;
+                max_scale = s->scales[b];
+            }
+        }
+    }
+    return max_scale;
+}
+
 /* Row-scale search shared by IQ1_KT and IQ2_KT: each block scale snapped to the
- * IQ4 table at inverse scale (t - 127)/max_scale, the whole-row fit accepted
- * with the strict rule of spec 2.8. */
+ * IQ4 table (best_index_iq4nl) at inverse scale (t - 127)/max_scale, the whole-row
+ * fit accepted only when it is strictly better. */
 static float kt_row_scale_v4(const ek_kt_codebook *cb, int nblock, const float *x, const kt_scratch *s,
                              float max_scale) {
     float d = max_scale / kt_v4[0];
@@ -221,94 +322,21 @@ static inline void kt_accum(const ek_kt_codebook *cb, const int *best_idx, int n
 
 #define IQ1KT_BYTES 56
 
-void ek_quantize_row_iq1_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
-    (void)flags;
-    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ1);
-    kt_scratch s;
-    if (!cb || !kt_scratch_alloc(&s, n, 8, 0)) {
-        if (cb) kt_scratch_free(&s);
-        kt_zero_row(y, n, IQ1KT_BYTES);
-        return;
-    }
+/* IQ1_KT after its first pass (quantize_row_iq1_kt_impl): row scale and the 4-bit
+ * block scale codes, then every block re-matched at its final scale and the row scale
+ * refitted (stored x 1.07, as the reference does). */
+static void iq1kt_encode(const ek_kt_codebook *cb, const float *x, uint8_t *y, int64_t n, kt_scratch *s,
+                         float max_scale) {
     const int nblock = (int)(n / QK_K);
     uint8_t *blocks = y + 4;
     int best_idx[8];
-
-    kt_set_weights(nblock, x, qw, s.w);
-    const float amax_row = kt_row_amax(x, n);
-    float amax_scale = 0, max_scale = 0;
-
-    for (int ibl = 0; ibl < nblock; ++ibl) {
-        memset(blocks + IQ1KT_BYTES * ibl, 0, IQ1KT_BYTES);
-        for (int ib = 0; ib < KT_NBLOCK; ++ib) {
-            const int b = KT_NBLOCK * ibl + ib;
-            const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
-            int *idx = s.idx + 4 * b;
-            const float amax = kt_row_amax(xb, KT_BLOCK);
-            if (amax < 1e-16f) {
-                s.scales[b] = 0;
-                for (int ig = 0; ig < 4; ++ig) idx[ig] = 0;
-                continue;
-            }
-            float scale_0 = 124.f * amax / amax_row;
-            scale_0 = 90.f > scale_0 ? 90.f : scale_0; /* std::max(90.f, .) */
-            float dp, score_p, dm, score_m;
-            ek_kt_find_best_match(cb, amax / scale_0, xb, w, best_idx);
-            ek_kt_find_best_scale(cb, xb, w, best_idx, &dp, &score_p);
-            ek_kt_find_best_match(cb, -amax / scale_0, xb, w, best_idx + 4);
-            ek_kt_find_best_scale(cb, xb, w, best_idx + 4, &dm, &score_m);
-            const int *src = best_idx;
-            if (score_p > score_m) {
-                s.scales[b] = dp;
-            } else {
-                s.scales[b] = dm;
-                src += 4;
-                score_p = score_m;
-            }
-            for (int ig = 0; ig < 4; ++ig) idx[ig] = src[ig];
-
-            /* second start point, c0 - 8 */
-            scale_0 -= 8;
-            float dp1, score_p1, dm1, score_m1;
-            ek_kt_find_best_match(cb, amax / scale_0, xb, w, best_idx);
-            ek_kt_find_best_scale(cb, xb, w, best_idx, &dp1, &score_p1);
-            ek_kt_find_best_match(cb, -amax / scale_0, xb, w, best_idx + 4);
-            ek_kt_find_best_scale(cb, xb, w, best_idx + 4, &dm1, &score_m1);
-            if (score_p1 > score_p || score_m1 > score_p) {
-                src = best_idx;
-                if (score_p1 > score_m1) {
-                    s.scales[b] = dp1;
-                } else {
-                    s.scales[b] = dm1;
-                    src += 4;
-                }
-                for (int ig = 0; ig < 4; ++ig) idx[ig] = src[ig];
-            }
-            const float as = fabsf(s.scales[b]);
-            if (as > amax_scale) {
-                amax_scale = as;
-                max_scale = s.scales[b];
-            }
-        }
-    }
-
-    if (!max_scale) {
-        ek_wrf32(y, 0.f);
-        kt_scratch_free(&s);
-        return;
-    }
-
-    float d = kt_row_scale_v4(cb, nblock, x, &s, max_scale);
+    float d = kt_row_scale_v4(cb, nblock, x, s, max_scale);
     float id = d ? 1 / d : 0.f;
     for (int ibl = 0; ibl < nblock; ++ibl)
         for (int ib = 0; ib < KT_NBLOCK; ++ib)
-            blocks[IQ1KT_BYTES * ibl + ib] = (uint8_t)kt_ni4(id * s.scales[KT_NBLOCK * ibl + ib]);
+            blocks[IQ1KT_BYTES * ibl + ib] = (uint8_t)kt_ni4(id * s->scales[KT_NBLOCK * ibl + ib]);
     ek_wrf32(y, d);
-    if (!d) {
-        kt_scratch_free(&s);
-        return;
-    }
+    if (!d) return;
 
     float sumqx = 0, sumq2 = 0;
     for (int ibl = 0; ibl < nblock; ++ibl) {
@@ -317,10 +345,10 @@ void ek_quantize_row_iq1_kt(const float *x, uint8_t *y, int64_t n, const float *
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
+            const float *w = s->w + KT_BLOCK * b;
             const int ls = kt_v4[sh[ib] & 0xf];
             const float dl = d * (float)ls;
-            kt_refine_block(cb, dl, xb, w, s.idx + 4 * b, best_idx);
+            kt_refine_block(cb, dl, xb, w, s->idx + 4 * b, best_idx);
             for (int j = 0; j < 4; ++j) {
                 ql[4 * ib + j] = (uint8_t)(best_idx[j] & 0xff);
                 qh[4 * (ib % 4) + j] |= (uint8_t)(((best_idx[j] >> 8) & 0xf) << 4 * (ib / 4));
@@ -333,85 +361,42 @@ void ek_quantize_row_iq1_kt(const float *x, uint8_t *y, int64_t n, const float *
         d = sumqx / sumq2;
         ek_wrf32(y, d * 1.07f);
     }
+}
+
+int ek_quantize_row_iq1_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+    (void)flags;
+    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ1);
+    kt_scratch s;
+    if (!cb || !kt_scratch_alloc(&s, n, 8, 0)) return kt_no_memory(y, n, IQ1KT_BYTES);
+    kt_set_weights((int)(n / QK_K), x, qw, s.w);
+    const float max_scale = kt_v4_first_pass(cb, x, n, &s, y + 4, IQ1KT_BYTES, 1);
+    if (max_scale) iq1kt_encode(cb, x, y, n, &s, max_scale);
+    else ek_wrf32(y, 0.f);
     kt_scratch_free(&s);
+    return EK_OK;
 }
 
 /* ------------------------------------------------------------------- IQ2_KT */
 
 #define IQ2KT_BYTES 68
 
-void ek_quantize_row_iq2_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
-    (void)flags;
-    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ2);
-    kt_scratch s;
-    if (!cb || !kt_scratch_alloc(&s, n, 8, 0)) {
-        if (cb) kt_scratch_free(&s);
-        kt_zero_row(y, n, IQ2KT_BYTES);
-        return;
-    }
+/* IQ2_KT after its first pass (quantize_row_iq2_kt_impl): as IQ1_KT, with the scale
+ * codes packed two per byte, 16-bit indices and the refitted row scale stored as is. */
+static void iq2kt_encode(const ek_kt_codebook *cb, const float *x, uint8_t *y, int64_t n, kt_scratch *s,
+                         float max_scale) {
     const int nblock = (int)(n / QK_K);
     uint8_t *blocks = y + 4;
     int best_idx[8];
-
-    kt_set_weights(nblock, x, qw, s.w);
-    const float amax_row = kt_row_amax(x, n);
-    float amax_scale = 0, max_scale = 0;
-
-    for (int ibl = 0; ibl < nblock; ++ibl) {
-        memset(blocks + IQ2KT_BYTES * ibl, 0, IQ2KT_BYTES);
-        for (int ib = 0; ib < KT_NBLOCK; ++ib) {
-            const int b = KT_NBLOCK * ibl + ib;
-            const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
-            int *idx = s.idx + 4 * b;
-            const float amax = kt_row_amax(xb, KT_BLOCK);
-            if (amax < 1e-16f) {
-                s.scales[b] = 0;
-                for (int ig = 0; ig < 4; ++ig) idx[ig] = 0;
-                continue;
-            }
-            float scale_0 = 124.f * amax / amax_row;
-            scale_0 = 90.f > scale_0 ? 90.f : scale_0;
-            float dp, score_p, dm, score_m;
-            ek_kt_find_best_match(cb, amax / scale_0, xb, w, best_idx);
-            ek_kt_find_best_scale(cb, xb, w, best_idx, &dp, &score_p);
-            ek_kt_find_best_match(cb, -amax / scale_0, xb, w, best_idx + 4);
-            ek_kt_find_best_scale(cb, xb, w, best_idx + 4, &dm, &score_m);
-            const int *src = best_idx;
-            if (score_p > score_m) {
-                s.scales[b] = dp;
-            } else {
-                s.scales[b] = dm;
-                src += 4;
-            }
-            for (int ig = 0; ig < 4; ++ig) idx[ig] = src[ig];
-            const float as = fabsf(s.scales[b]);
-            if (as > amax_scale) {
-                amax_scale = as;
-                max_scale = s.scales[b];
-            }
-        }
-    }
-
-    if (!max_scale) {
-        ek_wrf32(y, 0.f);
-        kt_scratch_free(&s);
-        return;
-    }
-
-    float d = kt_row_scale_v4(cb, nblock, x, &s, max_scale);
+    float d = kt_row_scale_v4(cb, nblock, x, s, max_scale);
     float id = d ? 1 / d : 0.f;
     for (int ibl = 0; ibl < nblock; ++ibl)
         for (int ib = 0; ib < KT_NBLOCK / 2; ++ib) {
-            const int ls1 = kt_ni4(id * s.scales[KT_NBLOCK * ibl + ib]);
-            const int ls2 = kt_ni4(id * s.scales[KT_NBLOCK * ibl + ib + KT_NBLOCK / 2]);
+            const int ls1 = kt_ni4(id * s->scales[KT_NBLOCK * ibl + ib]);
+            const int ls2 = kt_ni4(id * s->scales[KT_NBLOCK * ibl + ib + KT_NBLOCK / 2]);
             blocks[IQ2KT_BYTES * ibl + ib] = (uint8_t)(ls1 | (ls2 << 4));
         }
     ek_wrf32(y, d);
-    if (!d) {
-        kt_scratch_free(&s);
-        return;
-    }
+    if (!d) return;
 
     float sumqx = 0, sumq2 = 0;
     for (int ibl = 0; ibl < nblock; ++ibl) {
@@ -419,10 +404,10 @@ void ek_quantize_row_iq2_kt(const float *x, uint8_t *y, int64_t n, const float *
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
+            const float *w = s->w + KT_BLOCK * b;
             const int ls = kt_v4[(blk[ib % 4] >> 4 * (ib / 4)) & 0xf];
             const float dl = d * (float)ls;
-            kt_refine_block(cb, dl, xb, w, s.idx + 4 * b, best_idx);
+            kt_refine_block(cb, dl, xb, w, s->idx + 4 * b, best_idx);
             for (int j = 0; j < 4; ++j) ek_wr16(blk + 4 + 2 * (4 * ib + j), (uint16_t)best_idx[j]);
             kt_accum(cb, best_idx, 4, xb, w, ls, &sumqx, &sumq2);
         }
@@ -431,41 +416,61 @@ void ek_quantize_row_iq2_kt(const float *x, uint8_t *y, int64_t n, const float *
         d = sumqx / sumq2;
         ek_wrf32(y, d);
     }
+}
+
+int ek_quantize_row_iq2_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+    (void)flags;
+    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ2);
+    kt_scratch s;
+    if (!cb || !kt_scratch_alloc(&s, n, 8, 0)) return kt_no_memory(y, n, IQ2KT_BYTES);
+    kt_set_weights((int)(n / QK_K), x, qw, s.w);
+    const float max_scale = kt_v4_first_pass(cb, x, n, &s, y + 4, IQ2KT_BYTES, 0);
+    if (max_scale) iq2kt_encode(cb, x, y, n, &s, max_scale);
+    else ek_wrf32(y, 0.f);
     kt_scratch_free(&s);
+    return EK_OK;
 }
 
 /* ------------------------------------------------------------------- IQ3_KT */
 
 #define IQ3KT_BYTES 100
 
-void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
-    (void)flags;
-    const int nblock = (int)(n / QK_K);
-    uint8_t *blocks = y + 4;
-    const float amax_row = kt_row_amax(x, n);
-    if (!amax_row) {
-        kt_zero_row(y, n, IQ3KT_BYTES);
-        return;
-    }
-    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ3);
-    kt_scratch s;
-    if (!cb || !kt_scratch_alloc(&s, n, 8, 1)) {
-        if (cb) kt_scratch_free(&s);
-        kt_zero_row(y, n, IQ3KT_BYTES);
-        return;
-    }
+/* Block scale (returned) of one non-empty IQ3_KT 32-block: |x| (xaux) against the |v|
+ * codebook from seven starting scales; the chosen codebook values go to qt[32]. */
+static float iq3kt_block(const ek_kt_codebook *cb, const float *xaux, const float *w, float amax, float amax_row,
+                         float *qt) {
     int best_idx[8];
+    float scale_0 = 123.f * amax / amax_row;
+    scale_0 = 84.f > scale_0 ? 84.f : scale_0;
+    float best = 0;
+    int chosen[4] = {0, 0, 0, 0};
+    float scale = 0; /* the reference aborts when nothing scores > 0 */
+    for (int itry = -3; itry <= 3; ++itry) {
+        float dd, score;
+        ek_kt_find_best_match(cb, amax / (scale_0 + 8.0f * (float)itry), xaux, w, best_idx);
+        ek_kt_find_best_scale(cb, xaux, w, best_idx, &dd, &score);
+        if (score > best) {
+            best = score;
+            scale = dd;
+            memcpy(chosen, best_idx, sizeof(chosen));
+        }
+    }
+    for (int ig = 0; ig < 4; ++ig) memcpy(qt + 8 * ig, cb->values + 8 * chosen[ig], 8 * sizeof(float));
+    return scale;
+}
+
+/* First pass of IQ3_KT: zeroes the blocks, fits every 32-block (scale in s->scales,
+ * values in s->qv) and returns the signed block scale of largest magnitude. */
+static float iq3kt_first_pass(const ek_kt_codebook *cb, const float *x, int64_t n, float amax_row, kt_scratch *s,
+                              uint8_t *blocks) {
+    const int nblock = (int)(n / QK_K);
     float xaux[KT_BLOCK];
-
-    kt_set_weights(nblock, x, qw, s.w);
     float amax_scale = 0, max_scale = 0;
-
     for (int ibl = 0; ibl < nblock; ++ibl) {
         memset(blocks + IQ3KT_BYTES * ibl, 0, IQ3KT_BYTES);
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
             float amax = 0;
             for (int j = 0; j < KT_BLOCK; ++j) {
                 xaux[j] = fabsf(xb[j]);
@@ -473,34 +478,23 @@ void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *
             }
             if (amax < 1e-16f) {
                 /* its scale code becomes 0, so its (stale) values never count */
-                s.scales[b] = 0;
+                s->scales[b] = 0;
                 continue;
             }
-            float scale_0 = 123.f * amax / amax_row;
-            scale_0 = 84.f > scale_0 ? 84.f : scale_0;
-            float best = 0;
-            int chosen[4] = {0, 0, 0, 0};
-            s.scales[b] = 0; /* the reference aborts when nothing scores > 0 */
-            for (int itry = -3; itry <= 3; ++itry) {
-                float dd, score;
-                ek_kt_find_best_match(cb, amax / (scale_0 + 8.0f * (float)itry), xaux, w, best_idx);
-                ek_kt_find_best_scale(cb, xaux, w, best_idx, &dd, &score);
-                if (score > best) {
-                    best = score;
-                    s.scales[b] = dd;
-                    memcpy(chosen, best_idx, sizeof(chosen));
-                }
-            }
-            float *qt = s.qv + KT_BLOCK * b;
-            for (int ig = 0; ig < 4; ++ig) memcpy(qt + 8 * ig, cb->values + 8 * chosen[ig], 8 * sizeof(float));
-            const float as = fabsf(s.scales[b]);
+            s->scales[b] = iq3kt_block(cb, xaux, s->w + KT_BLOCK * b, amax, amax_row, s->qv + KT_BLOCK * b);
+            const float as = fabsf(s->scales[b]);
             if (as > amax_scale) {
                 amax_scale = as;
-                max_scale = s.scales[b];
+                max_scale = s->scales[b];
             }
         }
     }
+    return max_scale;
+}
 
+/* IQ3_KT row scale: 4-bit block scales RNE(id * s) clamped to 0..15 for 19 trial
+ * inverse scales around 15/max_scale, the best whole-row fit kept (strictly better). */
+static float iq3kt_row_scale(int nblock, const float *x, const kt_scratch *s, float max_scale) {
     float d = max_scale / 15;
     float best = 0;
     for (int itry = -9; itry <= 9; ++itry) {
@@ -508,10 +502,10 @@ void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *
         float sumqx = 0, sumq2 = 0;
         for (int ibl = 0; ibl < nblock; ++ibl) {
             const float *xb = x + QK_K * ibl;
-            const float *qb = s.qv + QK_K * ibl;
-            const float *wb = s.w + QK_K * ibl;
+            const float *qb = s->qv + QK_K * ibl;
+            const float *wb = s->w + QK_K * ibl;
             for (int ib = 0; ib < KT_NBLOCK; ++ib) {
-                int ls = ek_nearest_int(id * s.scales[KT_NBLOCK * ibl + ib]);
+                int ls = ek_nearest_int(id * s->scales[KT_NBLOCK * ibl + ib]);
                 ls = ls < 0 ? 0 : ls > 15 ? 15 : ls;
                 const float dl = (float)ls;
                 for (int j = 0; j < KT_BLOCK; ++j) {
@@ -529,12 +523,22 @@ void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *
             best = d * sumqx;
         }
     }
+    return d;
+}
 
+/* IQ3_KT at row scale d: scale codes, sign bits and indices re-matched at the final
+ * block scales, then the row scale refitted. */
+static void iq3kt_encode(const ek_kt_codebook *cb, const float *x, uint8_t *y, int64_t n, const kt_scratch *s,
+                         float d) {
+    const int nblock = (int)(n / QK_K);
+    uint8_t *blocks = y + 4;
+    int best_idx[8];
+    float xaux[KT_BLOCK];
     float id = d ? 1 / d : 0.f;
     for (int ibl = 0; ibl < nblock; ++ibl)
         for (int ib = 0; ib < KT_NBLOCK / 2; ++ib) {
-            int ls1 = ek_nearest_int(id * s.scales[KT_NBLOCK * ibl + ib]);
-            int ls2 = ek_nearest_int(id * s.scales[KT_NBLOCK * ibl + ib + KT_NBLOCK / 2]);
+            int ls1 = ek_nearest_int(id * s->scales[KT_NBLOCK * ibl + ib]);
+            int ls2 = ek_nearest_int(id * s->scales[KT_NBLOCK * ibl + ib + KT_NBLOCK / 2]);
             ls1 = ls1 < 0 ? 0 : ls1 > 15 ? 15 : ls1;
             ls2 = ls2 < 0 ? 0 : ls2 > 15 ? 15 : ls2;
             blocks[IQ3KT_BYTES * ibl + ib] = (uint8_t)(ls1 | (ls2 << 4));
@@ -549,7 +553,7 @@ void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
+            const float *w = s->w + KT_BLOCK * b;
             for (int j = 0; j < KT_BLOCK; ++j) {
                 xaux[j] = fabsf(xb[j]);
                 if (xb[j] < 0) qh[j] |= (uint8_t)(1u << ib);
@@ -565,107 +569,110 @@ void ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *
         d = sumqx / sumq2;
         ek_wrf32(y, d);
     }
+}
+
+int ek_quantize_row_iq3_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+    (void)flags;
+    const float amax_row = kt_row_amax(x, n);
+    if (!amax_row) {
+        kt_zero_row(y, n, IQ3KT_BYTES);
+        return EK_OK;
+    }
+    const ek_kt_codebook *cb = ek_kt_get_codebook(EK_KT_BOOK_IQ3);
+    kt_scratch s;
+    if (!cb || !kt_scratch_alloc(&s, n, 8, KT_WANT_QV)) return kt_no_memory(y, n, IQ3KT_BYTES);
+    const int nblock = (int)(n / QK_K);
+    kt_set_weights(nblock, x, qw, s.w);
+    const float max_scale = iq3kt_first_pass(cb, x, n, amax_row, &s, y + 4);
+    iq3kt_encode(cb, x, y, n, &s, iq3kt_row_scale(nblock, x, &s, max_scale));
     kt_scratch_free(&s);
+    return EK_OK;
 }
 
 /* ------------------------------------------------------------------- IQ4_KT */
 
 #define IQ4KT_BYTES 128
 
-void ek_quantize_row_iq4_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
-    (void)flags;
-    const int nblock = (int)(n / QK_K);
-    uint8_t *blocks = y + 4;
-    const ek_kt_codebook *cb1 = ek_kt_get_codebook(EK_KT_BOOK_IQ4A);
-    const ek_kt_codebook *cb2 = ek_kt_get_codebook(EK_KT_BOOK_IQ4B);
-    kt_scratch s;
-    if (!cb1 || !cb2 || !kt_scratch_alloc(&s, n, 4, 0)) {
-        if (cb1 && cb2) kt_scratch_free(&s);
-        kt_zero_row(y, n, IQ4KT_BYTES);
-        return;
-    }
-    kt_set_weights(nblock, x, qw, s.w);
-    const float amax_row = kt_row_amax(x, n);
-    if (!amax_row) {
-        kt_zero_row(y, n, IQ4KT_BYTES);
-        kt_scratch_free(&s);
-        return;
-    }
+/* Block scale (returned) of one non-empty IQ4_KT 32-block: +/- fits from five starting
+ * scales with the first codebook, then the second (offset) codebook, first at the
+ * current scale and then from the same five starts; *flag = 1 when the second wins. */
+static float iq4kt_block(const ek_kt_codebook *cb1, const ek_kt_codebook *cb2, const float *xb, const float *w,
+                         float amax, float amax_row, uint8_t *flag) {
     int best_idx[16];
-    float amax_scale = 0, max_scale = 0;
-    /* offset flags (bit 0 of each block's first word) */
-    uint8_t *flag = calloc((size_t)nblock * KT_NBLOCK, 1);
-    if (!flag) {
-        kt_zero_row(y, n, IQ4KT_BYTES);
-        kt_scratch_free(&s);
-        return;
+    /* (the reference would reuse a stale scale from an earlier row if no candidate
+     * scored > 0; a fresh row starts from 0 here) */
+    float scale = 0;
+    float best = 0;
+    float scale_0 = 124.f * amax / amax_row;
+    scale_0 = 90.f > scale_0 ? 90.f : scale_0;
+    for (int itry = -2; itry <= 2; ++itry) {
+        float dd, score;
+        const float c = 8.f * (float)itry + scale_0;
+        ek_kt_find_best_match(cb1, amax / c, xb, w, best_idx);
+        ek_kt_find_best_scale(cb1, xb, w, best_idx, &dd, &score);
+        if (score > best) { best = score; scale = dd; }
+        ek_kt_find_best_match(cb1, -amax / c, xb, w, best_idx);
+        ek_kt_find_best_scale(cb1, xb, w, best_idx, &dd, &score);
+        if (score > best) { best = score; scale = dd; }
     }
+    {
+        /* second codebook at the current scale: flag it if better, but (as in the
+         * reference) without raising `best` */
+        float dd, score;
+        ek_kt_find_best_match(cb2, scale, xb, w, best_idx);
+        ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
+        if (score > best) {
+            scale = dd;
+            *flag = 1;
+        }
+    }
+    for (int itry = -2; itry <= 2; ++itry) {
+        float dd, score;
+        const float c = 8.f * (float)itry + scale_0;
+        ek_kt_find_best_match(cb2, amax / c, xb, w, best_idx);
+        ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
+        if (score > best) { best = score; scale = dd; *flag = 1; }
+        ek_kt_find_best_match(cb2, -amax / c, xb, w, best_idx);
+        ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
+        if (score > best) { best = score; scale = dd; *flag = 1; }
+    }
+    return scale;
+}
 
+/* First pass of IQ4_KT: zeroes the blocks, fits every 32-block (scale in s->scales,
+ * codebook in s->flag) and returns the signed block scale of largest magnitude. */
+static float iq4kt_first_pass(const ek_kt_codebook *cb1, const ek_kt_codebook *cb2, const float *x, int64_t n,
+                              float amax_row, kt_scratch *s, uint8_t *blocks) {
+    const int nblock = (int)(n / QK_K);
+    float amax_scale = 0, max_scale = 0;
     for (int ibl = 0; ibl < nblock; ++ibl) {
         memset(blocks + IQ4KT_BYTES * ibl, 0, IQ4KT_BYTES);
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
             const float amax = kt_row_amax(xb, KT_BLOCK);
             if (amax < 1e-16f) {
-                s.scales[b] = 0;
+                s->scales[b] = 0;
                 continue;
             }
-            /* (the reference would reuse a stale scale from an earlier row if no
-             * candidate scored > 0; a fresh row starts from 0 here) */
-            s.scales[b] = 0;
-            float best = 0;
-            float scale_0 = 124.f * amax / amax_row;
-            scale_0 = 90.f > scale_0 ? 90.f : scale_0;
-            for (int itry = -2; itry <= 2; ++itry) {
-                float dd, score;
-                const float c = 8.f * (float)itry + scale_0;
-                ek_kt_find_best_match(cb1, amax / c, xb, w, best_idx);
-                ek_kt_find_best_scale(cb1, xb, w, best_idx, &dd, &score);
-                if (score > best) { best = score; s.scales[b] = dd; }
-                ek_kt_find_best_match(cb1, -amax / c, xb, w, best_idx);
-                ek_kt_find_best_scale(cb1, xb, w, best_idx, &dd, &score);
-                if (score > best) { best = score; s.scales[b] = dd; }
-            }
-            {
-                /* second codebook at the current scale: flag it if better, but
-                 * (as in the reference) without raising `best` */
-                float dd, score;
-                ek_kt_find_best_match(cb2, s.scales[b], xb, w, best_idx);
-                ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
-                if (score > best) {
-                    s.scales[b] = dd;
-                    flag[b] = 1;
-                }
-            }
-            for (int itry = -2; itry <= 2; ++itry) {
-                float dd, score;
-                const float c = 8.f * (float)itry + scale_0;
-                ek_kt_find_best_match(cb2, amax / c, xb, w, best_idx);
-                ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
-                if (score > best) { best = score; s.scales[b] = dd; flag[b] = 1; }
-                ek_kt_find_best_match(cb2, -amax / c, xb, w, best_idx);
-                ek_kt_find_best_scale(cb2, xb, w, best_idx, &dd, &score);
-                if (score > best) { best = score; s.scales[b] = dd; flag[b] = 1; }
-            }
-            const float as = fabsf(s.scales[b]);
+            s->scales[b] = iq4kt_block(cb1, cb2, xb, s->w + KT_BLOCK * b, amax, amax_row, s->flag + b);
+            const float as = fabsf(s->scales[b]);
             if (as > amax_scale) {
                 amax_scale = as;
-                max_scale = s.scales[b];
+                max_scale = s->scales[b];
             }
         }
     }
+    return max_scale;
+}
 
-    float d = -max_scale / 64;
-    ek_wrf32(y, d);
-    if (!d) {
-        /* every block empty: no flag was set, the blocks are zero */
-        free(flag);
-        kt_scratch_free(&s);
-        return;
-    }
-
+/* IQ4_KT at row scale d != 0: per block the 7-bit scale, codebook flag and 15-bit
+ * indices re-matched at the final block scale, then the row scale refitted. */
+static void iq4kt_encode(const ek_kt_codebook *cb1, const ek_kt_codebook *cb2, const float *x, uint8_t *y,
+                         int64_t n, const kt_scratch *s, float d) {
+    const int nblock = (int)(n / QK_K);
+    uint8_t *blocks = y + 4;
+    int best_idx[16];
     const float id = 1 / d;
     float sumqx = 0, sumq2 = 0;
     for (int ibl = 0; ibl < nblock; ++ibl) {
@@ -673,12 +680,12 @@ void ek_quantize_row_iq4_kt(const float *x, uint8_t *y, int64_t n, const float *
         uint8_t *ql = blk + 32, *qh = blk + 96;
         for (int ib = 0; ib < KT_NBLOCK; ++ib) {
             const int b = KT_NBLOCK * ibl + ib;
-            const ek_kt_codebook *cb = flag[b] ? cb2 : cb1;
+            const ek_kt_codebook *cb = s->flag[b] ? cb2 : cb1;
             const float *xb = x + KT_BLOCK * b;
-            const float *w = s.w + KT_BLOCK * b;
-            int ls = ek_nearest_int(id * s.scales[b]);
+            const float *w = s->w + KT_BLOCK * b;
+            int ls = ek_nearest_int(id * s->scales[b]);
             ls = ls < 63 ? ls : 63;
-            uint32_t word = (((uint32_t)(ls + 64) << 1) & 0xffu) | flag[b]; /* ls >= -64 in practice */
+            uint32_t word = (((uint32_t)(ls + 64) << 1) & 0xffu) | s->flag[b]; /* ls >= -64 in practice */
             const float dl = d * (float)ls;
             ek_kt_find_best_match(cb, dl, xb, w, best_idx);
             for (int j = 0; j < 8; ++j) {
@@ -695,8 +702,26 @@ void ek_quantize_row_iq4_kt(const float *x, uint8_t *y, int64_t n, const float *
         d = sumqx / sumq2;
         ek_wrf32(y, d);
     }
-    free(flag);
+}
+
+int ek_quantize_row_iq4_kt(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+    (void)flags;
+    const ek_kt_codebook *cb1 = ek_kt_get_codebook(EK_KT_BOOK_IQ4A);
+    const ek_kt_codebook *cb2 = ek_kt_get_codebook(EK_KT_BOOK_IQ4B);
+    kt_scratch s;
+    if (!cb1 || !cb2 || !kt_scratch_alloc(&s, n, 4, KT_WANT_FLAG)) return kt_no_memory(y, n, IQ4KT_BYTES);
+    kt_set_weights((int)(n / QK_K), x, qw, s.w);
+    const float amax_row = kt_row_amax(x, n);
+    if (!amax_row) {
+        kt_zero_row(y, n, IQ4KT_BYTES);
+    } else {
+        const float d = -iq4kt_first_pass(cb1, cb2, x, n, amax_row, &s, y + 4) / 64;
+        ek_wrf32(y, d);
+        /* d == 0: every block empty, no flag was set, the blocks are zero */
+        if (d) iq4kt_encode(cb1, cb2, x, y, n, &s, d);
+    }
     kt_scratch_free(&s);
+    return EK_OK;
 }
 
 /* ------------------------------------------------------------ dequantization */

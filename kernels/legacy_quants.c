@@ -353,12 +353,12 @@ static void q4_0_block_plain(const float *xb, uint8_t *blk) {
     }
 }
 
-void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     if (!qw) {
         for (int64_t ib = 0; ib < nb; ++ib) q4_0_block_plain(x + ib * QK, y + ib * 18);
-        return;
+        return EK_OK;
     }
     const float sigma2 = row_sigma2(x, n);
     float w[QK];
@@ -370,6 +370,7 @@ void ek_quantize_row_q4_0(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(y + ib * 18, ek_fp32_to_fp16(d));
         pack_nibbles(y + ib * 18 + 2, L);
     }
+    return EK_OK;
 }
 
 #ifdef EK_HAVE_AVX512_KERNELS
@@ -442,12 +443,12 @@ static void q4_1_block_plain(const float *xb, uint8_t *blk) {
     }
 }
 
-void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     if (!qw) {
         for (int64_t ib = 0; ib < nb; ++ib) q4_1_block_plain(x + ib * QK, y + ib * 20);
-        return;
+        return EK_OK;
     }
     const float sigma2 = row_sigma2(x, n);
     float w[QK];
@@ -461,6 +462,7 @@ void ek_quantize_row_q4_1(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(y + ib * 20 + 2, ek_fp32_to_fp16(-neg_min));
         pack_nibbles(y + ib * 20 + 4, L);
     }
+    return EK_OK;
 }
 
 #ifdef EK_HAVE_AVX512_KERNELS
@@ -523,12 +525,12 @@ static void q5_0_block_plain(const float *xb, uint8_t *blk) {
     pack_q5(blk + 6, blk + 2, L);
 }
 
-void ek_quantize_row_q5_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q5_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     if (!qw) {
         for (int64_t ib = 0; ib < nb; ++ib) q5_0_block_plain(x + ib * QK, y + ib * 22);
-        return;
+        return EK_OK;
     }
     const float sigma2 = row_sigma2(x, n);
     float w[QK];
@@ -540,6 +542,7 @@ void ek_quantize_row_q5_0(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(y + ib * 22, ek_fp32_to_fp16(d));
         pack_q5(y + ib * 22 + 6, y + ib * 22 + 2, L);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q5_0(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -587,12 +590,12 @@ static void q5_1_block_plain(const float *xb, uint8_t *blk) {
     pack_q5(blk + 8, blk + 4, L);
 }
 
-void ek_quantize_row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     if (!qw) {
         for (int64_t ib = 0; ib < nb; ++ib) q5_1_block_plain(x + ib * QK, y + ib * 24);
-        return;
+        return EK_OK;
     }
     const float sigma2 = row_sigma2(x, n);
     float w[QK];
@@ -606,6 +609,7 @@ void ek_quantize_row_q5_1(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(y + ib * 24 + 2, ek_fp32_to_fp16(-neg_min));
         pack_q5(y + ib * 24 + 8, y + ib * 24 + 4, L);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q5_1(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -641,7 +645,7 @@ void ek_dequantize_row_q5_1(const uint8_t *y, float *x, int64_t n, int variant) 
 /* Q6_0 always goes through the weighted search: with an imatrix the weights are
  * qw*sqrt(sigma2 + x^2), without one they are x^2 (the reference has no plain max/-32
  * path in its quantize_q6_0). */
-void ek_quantize_row_q6_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q6_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     const float sigma2 = qw ? row_sigma2(x, n) : 0.0f;
@@ -658,6 +662,7 @@ void ek_quantize_row_q6_0(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(y + ib * 26, ek_fp32_to_fp16(d));
         pack_q6(y + ib * 26 + 10, y + ib * 26 + 2, L);
     }
+    return EK_OK;
 }
 
 void ek_dequantize_row_q6_0(const uint8_t *y, float *x, int64_t n, int variant) {
@@ -694,7 +699,7 @@ void ek_dequantize_row_q6_0(const uint8_t *y, float *x, int64_t n, int variant) 
 
 /* The reference ignores the importance matrix for Q8_0: d = amax/127, codes roundf(x/d)
  * (round half away from zero). */
-void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags; (void)qw;
     const int64_t nb = n / QK;
     for (int64_t ib = 0; ib < nb; ++ib) {
@@ -710,6 +715,7 @@ void ek_quantize_row_q8_0(const float *x, uint8_t *y, int64_t n, const float *qw
         ek_wr16(blk, ek_fp32_to_fp16(d));
         for (int j = 0; j < QK; ++j) blk[2 + j] = (uint8_t)low_u8(roundf(xb[j] * id));
     }
+    return EK_OK;
 }
 
 #ifdef EK_HAVE_AVX512_KERNELS
@@ -876,11 +882,12 @@ static void iq4nl_block(const float *xb, const float *qw, uint8_t *blk) {
     pack_nibbles(blk + 2, L);
 }
 
-void ek_quantize_row_iq4_nl(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
+int ek_quantize_row_iq4_nl(const float *x, uint8_t *y, int64_t n, const float *qw, int flags) {
     (void)flags;
     const int64_t nb = n / QK;
     for (int64_t ib = 0; ib < nb; ++ib)
         iq4nl_block(x + ib * QK, qw ? qw + ib * QK : NULL, y + ib * 18);
+    return EK_OK;
 }
 
 void ek_dequantize_row_iq4_nl(const uint8_t *y, float *x, int64_t n, int variant) {

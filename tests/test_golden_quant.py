@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import pytest
 
+from evalkit.formats import FORMATS
 from golden_quant import assert_dequantize_matches, assert_quantize_matches, manifest
 
-# Every quantized type with golden vectors: issue 2's, the row-scaled KS/KL types and the
-# trellis types (their other checks are in test_ks_golden.py and test_kt_golden.py).
-TYPES = ["IQ2_K", "IQ3_K", "IQ4_K", "IQ5_K", "IQ6_K",
-         "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q6_0", "Q8_0", "IQ4_NL",
-         "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
-         "IQ2_KS", "IQ3_KS", "IQ4_KS", "IQ4_KSS", "IQ5_KS", "IQ2_KL",
-         "IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT"]
+# Every quantized type of the registry (the row-scaled KS/KL and trellis types have further
+# checks in test_ks_golden.py and test_kt_golden.py); each must have golden vectors.
+TYPES = [f.name for f in FORMATS.values() if f.family != "float"]
 CASES = manifest()["cases"]
+
+
+def test_every_quantized_type_has_golden_vectors():
+    assert sorted(TYPES) == sorted(manifest()["types"])
 
 
 @pytest.mark.parametrize("case", CASES)

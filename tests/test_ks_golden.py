@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 import evalkit
-from evalkit.formats import get_format
+from evalkit.formats import FORMATS, get_format
 from golden_quant import case_inputs
 
-TYPES = ["IQ2_KS", "IQ3_KS", "IQ4_KS", "IQ4_KSS", "IQ5_KS", "IQ2_KL"]
+TYPES = [f.name for f in FORMATS.values() if f.family == "iqks"]
 
 
 

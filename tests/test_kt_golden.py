@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 import evalkit
-from evalkit.formats import get_format
+from evalkit.formats import FORMATS, get_format
 from golden_quant import golden, manifest
 
-KT_TYPES = ["IQ1_KT", "IQ2_KT", "IQ3_KT", "IQ4_KT"]
+KT_TYPES = [f.name for f in FORMATS.values() if f.family == "kt"]
 CASES = manifest()["cases"]
 BLOCK_BYTES = {"IQ1_KT": 56, "IQ2_KT": 68, "IQ3_KT": 100, "IQ4_KT": 128}
 # factor the reference's matrix-multiplication kernels apply to the float row scale

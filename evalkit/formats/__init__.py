@@ -57,46 +57,78 @@ class QuantFormat:
         return _kernels.has_dequantize(self.type_id)
 
 
-_F = QuantFormat
-FORMATS: dict[str, QuantFormat] = {f.name: f for f in [
-    # float
-    _F("F32", 0, 1, 4, family="float"),
-    _F("F16", 1, 1, 2, family="float"),
-    _F("BF16", 30, 1, 2, family="float"),
-    # legacy 32-element blocks
-    _F("Q4_0", 2, 32, 18, family="legacy"),
-    _F("Q4_1", 3, 32, 20, family="legacy"),
-    _F("Q5_0", 6, 32, 22, family="legacy"),
-    _F("Q5_1", 7, 32, 24, family="legacy"),
-    _F("Q6_0", 133, 32, 26, family="legacy"),
-    _F("Q8_0", 8, 32, 34, family="legacy"),
-    _F("IQ4_NL", 20, 32, 18, family="legacy"),
-    # k-quants
-    _F("Q2_K", 10, 256, 84, family="k"),
-    _F("Q3_K", 11, 256, 110, family="k"),
-    _F("Q4_K", 12, 256, 144, family="k"),
-    _F("Q5_K", 13, 256, 176, family="k"),
-    _F("Q6_K", 14, 256, 210, family="k"),
-    # IQ*_K (Iwan Kawrakow, ik_llama.cpp)
-    _F("IQ2_K", 137, 256, 76, family="iqk"),
-    _F("IQ3_K", 138, 256, 110, family="iqk"),
-    _F("IQ4_K", 139, 256, 144, family="iqk"),
-    _F("IQ5_K", 140, 256, 176, family="iqk"),
-    _F("IQ6_K", 141, 256, 212, family="iqk"),
-    # row-scaled IQK types
-    _F("IQ4_KS", 144, 256, 136, 4, family="iqks"),
-    _F("IQ2_KS", 145, 256, 70, 2, family="iqks"),
-    _F("IQ4_KSS", 146, 256, 128, 4, family="iqks"),
-    _F("IQ5_KS", 152, 256, 168, 4, family="iqks"),
-    _F("IQ3_KS", 156, 256, 102, 2, family="iqks"),
-    _F("IQ2_KL", 157, 256, 86, 2, family="iqks"),
-    # trellis types
-    _F("IQ2_KT", 153, 256, 68, 4, needs_imatrix=True, family="kt"),
-    _F("IQ3_KT", 154, 256, 100, 4, family="kt"),
-    _F("IQ4_KT", 155, 256, 128, 4, family="kt"),
-    _F("IQ1_KT", 158, 256, 56, 4, needs_imatrix=True, family="kt"),
-]}
-del _F
+# Block geometry as in ggml's block structs (ggml/src/ggml-common.h of ik_llama.cpp): each
+# bytes-per-block value is the sum of its struct's fields, named in the comment, in struct
+# order; "row header" is the per-row scale stored before the first block of each row.
+# tests/test_geometry.py checks every row against the kernel library's own table.
+QK_K = 256         # elements per super-block (k-quants, IQ*_K, KS/KL and KT types)
+QK = 32            # elements per block of the legacy types (QK4_0 ... QK8_0, QK4_NL)
+K_SCALE_SIZE = 12  # packed 6-bit scales (and mins) of Q3_K, Q4_K, Q5_K
+F16 = 2            # ggml_half
+F32 = 4            # float
+U16 = 2            # uint16_t
+U32 = 4            # uint32_t
+
+# family -> (name, ggml type id, elements per block, bytes per block[, row header bytes])
+_TABLE: dict[str, list[tuple]] = {
+    "float": [
+        ("F32",       0, 1, F32),
+        ("F16",       1, 1, F16),
+        ("BF16",     30, 1, 2),                                                # ggml_bf16_t
+    ],
+    "legacy": [
+        ("Q4_0",      2, QK, F16 + QK // 2),                                   # d | qs
+        ("Q4_1",      3, QK, F16 + F16 + QK // 2),                             # d | m | qs
+        ("Q5_0",      6, QK, F16 + QK // 8 + QK // 2),                         # d | qh | qs
+        ("Q5_1",      7, QK, F16 + F16 + QK // 8 + QK // 2),                   # d | m | qh | qs
+        ("Q6_0",    133, QK, F16 + QK // 4 + QK // 2),                         # d | qh | qs
+        ("Q8_0",      8, QK, F16 + QK),                                        # d | qs (int8)
+        ("IQ4_NL",   20, QK, F16 + QK // 2),                                   # d | qs
+    ],
+    "k": [
+        ("Q2_K",     10, QK_K, QK_K // 16 + QK_K // 4 + F16 + F16),            # scales | qs | d | dmin
+        ("Q3_K",     11, QK_K, QK_K // 8 + QK_K // 4 + K_SCALE_SIZE + F16),    # hmask | qs | scales | d
+        ("Q4_K",     12, QK_K, F16 + F16 + K_SCALE_SIZE + QK_K // 2),          # d | dmin | scales | qs
+        ("Q5_K",     13, QK_K, F16 + F16 + K_SCALE_SIZE                        # d | dmin | scales
+                               + QK_K // 8 + QK_K // 2),                       # | qh | qs
+        ("Q6_K",     14, QK_K, QK_K // 2 + QK_K // 4 + QK_K // 16 + F16),      # ql | qh | scales | d
+    ],
+    "iqk": [  # IQ*_K (Iwan Kawrakow, ik_llama.cpp)
+        ("IQ2_K",   137, QK_K, F16 + U16 + QK_K // 32 + QK_K // 4),            # d | extra | scales | qs
+        ("IQ3_K",   138, QK_K, F16 + U16 + U16 + QK_K // 32                    # d | extra | scales_h | scales_l
+                               + QK_K // 4 + QK_K // 8),                       # | qs | qh
+        ("IQ4_K",   139, QK_K, F16 + U16 + QK_K // 64 + QK_K // 32             # d | extra | scales_h | scales_l
+                               + QK_K // 2),                                   # | qs
+        ("IQ5_K",   140, QK_K, F16 + U16 + QK_K // 64 + QK_K // 32             # d | extra | scales_h | scales_l
+                               + QK_K // 2 + QK_K // 8),                       # | qs | qh
+        ("IQ6_K",   141, QK_K, F16 + U16 + QK_K // 16                          # d | extra | scales
+                               + QK_K // 2 + QK_K // 4),                       # | qs | qh
+    ],
+    "iqks": [  # row-scaled IQK types: [row header][blocks]
+        ("IQ4_KS",  144, QK_K, QK_K // 32 + QK_K // 2, F32),                   # scales | qs
+        ("IQ2_KS",  145, QK_K, U16 + QK_K // 64 + QK_K // 4, F16),             # extra | scales | qs
+        ("IQ4_KSS", 146, QK_K, U32 * (QK_K // 8), F32),                        # qs
+        ("IQ5_KS",  152, QK_K, QK_K // 32 + QK_K // 2 + QK_K // 8, F32),       # scales | qs | qh
+        ("IQ3_KS",  156, QK_K, U16 + QK_K // 64                                # extra | scales
+                               + QK_K // 4 + QK_K // 8, F16),                  # | qs | qh
+        ("IQ2_KL",  157, QK_K, U16 + QK_K // 64                                # scales_h | scales_l
+                               + QK_K // 4 + QK_K // 16, F16),                 # | qs | qh
+    ],
+    "kt": [  # trellis types: [float32 row header][blocks]
+        ("IQ2_KT",  153, QK_K, QK_K // 64 + QK_K // 4, F32),                   # scales | ql
+        ("IQ3_KT",  154, QK_K, QK_K // 64 + QK_K // 4 + QK_K // 8, F32),       # scales | ql | qh
+        ("IQ4_KT",  155, QK_K, U32 * (QK_K // 8), F32),                        # qs
+        ("IQ1_KT",  158, QK_K, QK_K // 32 + QK_K // 8 + QK_K // 16, F32),      # sh | ql | qh
+    ],
+}
+# llama-quantize refuses these without an imatrix (except for token_embd / output)
+_NEEDS_IMATRIX = {"IQ1_KT", "IQ2_KT"}
+
+FORMATS: dict[str, QuantFormat] = {
+    name: QuantFormat(name, type_id, block_size, type_size, *header, needs_imatrix=name in _NEEDS_IMATRIX,
+                      family=family)
+    for family, rows in _TABLE.items() for name, type_id, block_size, type_size, *header in rows
+}
 
 FORMATS_BY_ID: dict[int, QuantFormat] = {f.type_id: f for f in FORMATS.values()}
 

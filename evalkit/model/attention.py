@@ -26,7 +26,7 @@ _future: dict[int, torch.Tensor] = {}
 
 def kernel_available(head_dim: int) -> bool:
     """True when the C kernel serves this head size on this CPU."""
-    return bool(_kernels.lib.ek_has_causal_attention(int(head_dim)))
+    return bool(_kernels.get_lib().ek_has_causal_attention(int(head_dim)))
 
 
 def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: int, out: torch.Tensor) -> None:
@@ -78,8 +78,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: 
         return
     if kernel_available(D):
         nthreads, runner = team()
-        rc = _kernels.lib.ek_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, H,
-                                              k.shape[2], D, q_from, D ** -0.5, nthreads, runner)
+        rc = _kernels.get_lib().ek_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, H,
+                                                    k.shape[2], D, q_from, D ** -0.5, nthreads, runner)
         if rc != 0:
             raise RuntimeError(f"causal_attention: {_kernels.status_message(rc)}")
     else:

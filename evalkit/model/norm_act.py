@@ -18,7 +18,7 @@ __all__ = ["rms_norm", "swiglu", "kernels_available"]
 
 def kernels_available() -> bool:
     """True when the C kernels serve these ops on this CPU."""
-    return bool(_kernels.lib.ek_has_norm_act())
+    return bool(_kernels.get_lib().ek_has_norm_act())
 
 
 def _rows(x: torch.Tensor) -> tuple[int, int, int, int] | None:
@@ -47,8 +47,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     rows = _rows(x) if kernels_available() and weight.is_contiguous() else None
     if rows is not None and x.numel():
         nthreads, runner = team()
-        rc = _kernels.lib.ek_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), *rows[:2], n, *rows[2:],
-                                      eps, nthreads, runner)
+        rc = _kernels.get_lib().ek_rms_norm(x.data_ptr(), weight.data_ptr(), out.data_ptr(), *rows[:2], n, *rows[2:],
+                                            eps, nthreads, runner)
         if rc != 0:
             raise RuntimeError(f"rms_norm: {_kernels.status_message(rc)}")
         return
@@ -70,7 +70,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
                              f"got {t.dtype} {tuple(t.shape)}")
     if kernels_available():
         nthreads, runner = team()
-        rc = _kernels.lib.ek_swiglu(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), nthreads, runner)
+        rc = _kernels.get_lib().ek_swiglu(g.data_ptr(), u.data_ptr(), out.data_ptr(), g.numel(), nthreads, runner)
         if rc != 0:
             raise RuntimeError(f"swiglu: {_kernels.status_message(rc)}")
         return

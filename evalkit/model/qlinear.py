@@ -104,8 +104,8 @@ def _dequantize_rows(w: torch.Tensor, fmt: QuantFormat, n: int, out: torch.Tenso
     elif fmt.type_id in _TORCH_FLOAT:
         out.view(rows, n).copy_(w.view(_TORCH_FLOAT[fmt.type_id]))
     else:
-        rc = _kernels.lib.ek_dequantize_team(fmt.type_id, w.data_ptr(), out.data_ptr(), rows, n, variant,
-                                             nthreads, runner)
+        rc = _kernels.get_lib().ek_dequantize_team(fmt.type_id, w.data_ptr(), out.data_ptr(), rows, n, variant,
+                                                   nthreads, runner)
         if rc != 0:
             raise RuntimeError(f"dequantize {fmt.name}: {_kernels.status_message(rc)}")
 
