@@ -30,7 +30,7 @@ _QUANTIZE = ("import argparse, sys\n"
 
 _DEQUANT_ALL = """
 import sys
-from evalkit.recipes import open_source
+from evalkit.sources import open_source
 src = open_source(sys.argv[1])
 for t in src.tensors:
     src.rows_f32(t.name, int(sys.argv[2]))

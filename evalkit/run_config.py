@@ -8,16 +8,19 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from evalkit.errors import EvalkitError
+from evalkit.recipes.ftypes import get_ftype
+from evalkit.recipes.options import CLASS_OPTIONS, TypeOptions, normalize_type
 
-__all__ = ["ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict"]
+__all__ = ["ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict",
+           "VARIANT_KEYS"]
 
-# Per-tensor-class type options, the same as `evalkit quantize`'s flags.
-CLASS_TYPE_KEYS = ("token_embedding_type", "output_tensor_type", "attn_q_type", "attn_k_type",
-                   "attn_v_type", "attn_output_type", "ffn_gate_type", "ffn_up_type", "ffn_down_type")
+# A variant's YAML keys: a recipe's --pure, overrides and per-class types (the keys are
+# TypeOptions' attribute names) sit at the variant's top level.
+VARIANT_KEYS = ("name", "gguf", "ftype", "imatrix", "overrides", "pure") + tuple(o.attr for o in CLASS_OPTIONS)
 
 
 class ConfigError(EvalkitError, ValueError):
@@ -37,27 +40,40 @@ class CorpusSpec:
 
 @dataclass
 class VariantSpec:
-    """One quantized model to score: an existing GGUF, or a recipe quantized on the fly."""
+    """One quantized model to score: an existing GGUF, or a recipe quantized on the fly.
+
+    ``ftype`` is stored canonical (``iq4_k`` → ``IQ4_K``); ``options`` holds the recipe's
+    --pure, overrides and per-class types, validated and canonical.
+    """
 
     name: str
     gguf: str | None = None
     ftype: str | None = None
     imatrix: str | None = None
-    overrides: list[str] = field(default_factory=list)   # 'REGEX=TYPE', first match wins
-    pure: bool = False
-    token_embedding_type: str | None = None
-    output_tensor_type: str | None = None
-    attn_q_type: str | None = None
-    attn_k_type: str | None = None
-    attn_v_type: str | None = None
-    attn_output_type: str | None = None
-    ffn_gate_type: str | None = None
-    ffn_up_type: str | None = None
-    ffn_down_type: str | None = None
+    options: TypeOptions = field(default_factory=TypeOptions)
 
-    def class_types(self) -> dict[str, str]:
-        """The per-tensor-class types that are set."""
-        return {k: getattr(self, k) for k in CLASS_TYPE_KEYS if getattr(self, k)}
+    def __post_init__(self) -> None:
+        """Canonical ftype name (ValueError if unknown), so equal recipes look equal."""
+        if self.ftype:
+            self.ftype = get_ftype(self.ftype).name
+
+    def type_options(self) -> TypeOptions:
+        """The recipe's options, as ``quantize_model(..., options=...)`` takes them."""
+        return self.options
+
+    def recipe_key(self) -> dict[str, Any]:
+        """The recipe as plain JSON data (for a fingerprint): ftype, pure, overrides as
+        [regex, TYPE] pairs and the per-class types that are set, all canonical."""
+        o = self.options
+        return {"ftype": self.ftype, "pure": o.pure, "overrides": [[r, t] for r, t in o.overrides],
+                **o.class_types()}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form with the YAML keys (every per-class key, None when unset)."""
+        o = self.options
+        return {"name": self.name, "gguf": self.gguf, "ftype": self.ftype, "imatrix": self.imatrix,
+                "overrides": [f"{r}={t}" for r, t in o.overrides], "pure": o.pure,
+                **{c.attr: getattr(o, c.attr) for c in CLASS_OPTIONS}}
 
 
 @dataclass
@@ -89,8 +105,9 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for results.json)."""
-        d = dataclasses.asdict(self)
-        d.pop("config_dir", None)
+        d = {k: getattr(self, k) for k in _fields(RunConfig)}
+        d["corpus"] = dataclasses.asdict(self.corpus)
+        d["variants"] = [v.to_dict() for v in self.variants]
         return d
 
 
@@ -98,8 +115,7 @@ def _fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name != "config_dir"]
 
 
-def _check_keys(data: dict, cls, where: str) -> None:
-    valid = _fields(cls)
+def _check_keys(data: dict, valid: Sequence[str], where: str) -> None:
     for key in data:
         if key not in valid:
             raise ConfigError(f"{where}: unknown key {key!r}; valid keys: {', '.join(valid)}")
@@ -118,7 +134,7 @@ def _corpus(value, where: str) -> CorpusSpec:
         return CorpusSpec(path=value)
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: 'corpus' must be a file path or a mapping, got {value!r}")
-    _check_keys(value, CorpusSpec, f"{where} corpus")
+    _check_keys(value, _fields(CorpusSpec), f"{where} corpus")
     spec = CorpusSpec(**value)
     if bool(spec.path) == bool(spec.dataset):
         raise ConfigError(f"{where} corpus: give exactly one of 'path' or 'dataset'")
@@ -140,50 +156,38 @@ def _variant(value, i: int, where: str) -> VariantSpec:
     w = f"{where} variants[{i}]"
     if not isinstance(value, dict):
         raise ConfigError(f"{w}: must be a mapping, got {value!r}")
-    _check_keys(value, VariantSpec, w)
+    _check_keys(value, VARIANT_KEYS, w)
     v = dict(value)
     if "name" not in v:
         v["name"] = v.get("ftype") or (Path(v["gguf"]).stem if v.get("gguf") else None)
     if not v.get("name"):
         raise ConfigError(f"{w}: needs a 'name' (or an 'ftype' / 'gguf' to derive it from)")
-    v["name"] = str(v["name"])
-    v["overrides"] = _overrides(v.get("overrides"), w)
-    for k in ("gguf", "ftype", "imatrix") + CLASS_TYPE_KEYS:
+    name = str(v["name"])
+    overrides = _overrides(v.get("overrides"), w)
+    class_keys = tuple(o.attr for o in CLASS_OPTIONS)
+    for k in ("gguf", "ftype", "imatrix") + class_keys:
         _expect(v.get(k), str, w, k)
     _expect(v.get("pure", False), bool, w, "pure")
-    spec = VariantSpec(**v)
-    if bool(spec.gguf) == bool(spec.ftype):
-        raise ConfigError(f"{w} ({spec.name}): give exactly one of 'gguf' (an existing file) or 'ftype' "
+    if bool(v.get("gguf")) == bool(v.get("ftype")):
+        raise ConfigError(f"{w} ({name}): give exactly one of 'gguf' (an existing file) or 'ftype' "
                           f"(a recipe quantized on the fly)")
-    if spec.gguf and (spec.imatrix or spec.overrides or spec.pure or spec.class_types()):
-        raise ConfigError(f"{w} ({spec.name}): 'imatrix', 'overrides', 'pure' and per-tensor types apply to "
+    if v.get("gguf") and (v.get("imatrix") or overrides or v.get("pure") or any(v.get(k) for k in class_keys)):
+        raise ConfigError(f"{w} ({name}): 'imatrix', 'overrides', 'pure' and per-tensor types apply to "
                           f"an 'ftype' recipe, not to an existing 'gguf'")
-    _validate_types(spec, w)
-    return spec
-
-
-def _validate_types(spec: VariantSpec, where: str) -> None:
-    from evalkit.formats import get_format
     try:
-        for k, t in spec.class_types().items():
-            get_format(t)
-        for rule in spec.overrides:
-            get_format(rule.rsplit("=", 1)[1])
+        # resolved once here: names canonical, so that iq4_k and IQ4_K are the same recipe
+        types = {k: normalize_type(v[k], repr(k)) for k in class_keys if v.get(k)}
+        options = TypeOptions(pure=bool(v.get("pure")), overrides=overrides, **types)
+        return VariantSpec(name, v.get("gguf"), v.get("ftype"), v.get("imatrix"), options)
     except ValueError as e:
-        raise ConfigError(f"{where} ({spec.name}): {e}") from None
-    if spec.ftype:
-        from evalkit.recipes.ftypes import get_ftype
-        try:
-            get_ftype(spec.ftype)
-        except ValueError as e:
-            raise ConfigError(f"{where} ({spec.name}): {e}") from None
+        raise ConfigError(f"{w} ({name}): {e}") from None
 
 
 def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".") -> RunConfig:
     """Validate a parsed YAML document into a RunConfig."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: the top level must be a mapping, got {type(data).__name__}")
-    _check_keys(data, RunConfig, source)
+    _check_keys(data, _fields(RunConfig), source)
     d = dict(data)
     if "name" not in d or not isinstance(d["name"], str) or not d["name"].strip():
         raise ConfigError(f"{source}: 'name' (the run's name) is required")

@@ -63,7 +63,7 @@ def test_bad_variants(variant, message):
 def test_overrides_mapping_and_duplicates():
     cfg = config_from_dict({"name": "x", "variants": [
         {"name": "a", "ftype": "IQ4_K", "overrides": {"ffn_down": "IQ6_K"}}]})
-    assert cfg.variants[0].overrides == ["ffn_down=IQ6_K"]
+    assert cfg.variants[0].type_options().overrides == (("ffn_down", "IQ6_K"),)
     with pytest.raises(ConfigError, match="duplicate variant names"):
         config_from_dict({"name": "x", "variants": [{"ftype": "IQ4_K"}, {"ftype": "IQ4_K"}]})
 

@@ -12,8 +12,8 @@ import pytest
 from conftest import GOLDEN
 from evalkit.formats import get_format
 from evalkit.gguf import GGUFFile
-from evalkit.recipes import quantize_model
-from evalkit.recipes.rules import ModelFacts, RuleError, TypeOptions, fallback_type, tensor_type
+from evalkit.recipes import TypeOptions, quantize_model
+from evalkit.recipes.rules import ModelFacts, RuleError, fallback_type, tensor_type
 
 GGUF_DIR = GOLDEN / "gguf"
 TINY = GGUF_DIR / "tiny-base.gguf"
@@ -186,16 +186,19 @@ def test_tiny_iq3_kt_token_embd_is_iq3_s():
     with pytest.raises(NotImplementedError, match=r"token_embd\.weight.*IQ3_S.*--token-embedding-type"):
         quantize_model(TINY, None, "IQ3_KT", dry_run=True)
     for im in (None, TINY_IM):
-        plan = quantize_model(TINY, None, "IQ3_KT", imatrix=im, token_embedding_type="q8_0", dry_run=True)
+        plan = quantize_model(TINY, None, "IQ3_KT", imatrix=im, options=TypeOptions(token_embedding_type="q8_0"),
+                              dry_run=True)
         _check(plan, _expected_plan(TINY, "IQ3_KT", tied=False, gqa=2, imatrix=im is not None,
                                     token_embd="Q8_0"))
-    ov = quantize_model(TINY, None, "IQ3_KT", overrides=["token_embd=iq4_nl"], dry_run=True)
+    ov = quantize_model(TINY, None, "IQ3_KT", options=TypeOptions(overrides=["token_embd=iq4_nl"]), dry_run=True)
     assert ov.tensor("token_embd.weight").dst_type == "IQ4_NL"
 
 
+@pytest.mark.slow
 def test_tiny_quantize_end_to_end(tmp_path):
     """The written files carry the planned types (IQ2_KT with imatrix, IQ3_KL without)."""
-    for ft, kw in (("IQ2_KT", {"imatrix": TINY_IM, "token_embedding_type": "q8_0"}), ("IQ3_KL", {})):
+    for ft, kw in (("IQ2_KT", {"imatrix": TINY_IM, "options": TypeOptions(token_embedding_type="q8_0")}),
+                   ("IQ3_KL", {})):
         plan = quantize_model(TINY, None, ft, dry_run=True, **kw)
         if any(not get_format(t.dst_type).can_quantize for t in plan.tensors if t.quantize):
             pytest.skip("kernels for these types are not built")
@@ -225,14 +228,14 @@ def test_kt_needs_imatrix(ft, tmp_path):
 
 def test_kt_imatrix_exemptions():
     """token_embd and output may be IQ1_KT/IQ2_KT without an imatrix; any other tensor may not."""
-    plan = quantize_model(TINY, None, "IQ4_K", token_embedding_type="iq1_kt", output_tensor_type="iq2_kt",
-                          dry_run=True)
+    plan = quantize_model(TINY, None, "IQ4_K", dry_run=True,
+                          options=TypeOptions(token_embedding_type="iq1_kt", output_tensor_type="iq2_kt"))
     assert plan.tensor("token_embd.weight").dst_type == "IQ1_KT"
     assert plan.tensor("output.weight").dst_type == "IQ2_KT"
     with pytest.raises(RuleError, match=r"'blk\.0\.attn_q\.weight'.*IQ2_KT"):
-        quantize_model(TINY, None, "IQ4_K", attn_q_type="iq2_kt", dry_run=True)
+        quantize_model(TINY, None, "IQ4_K", options=TypeOptions(attn_q_type="iq2_kt"), dry_run=True)
     with pytest.raises(RuleError, match=r"'blk\.1\.ffn_up\.weight'.*IQ1_KT"):
-        quantize_model(TINY, None, "IQ4_K", overrides=[r"blk\.1\.ffn_up=iq1_kt"], dry_run=True)
+        quantize_model(TINY, None, "IQ4_K", options=TypeOptions(overrides=[r"blk\.1\.ffn_up=iq1_kt"]), dry_run=True)
     # IQ3_KT/IQ4_KT need none
     quantize_model(TINY, None, "IQ4_KT", dry_run=True)
 
@@ -369,7 +372,8 @@ def test_counters_and_class_options():
     ov = TypeOptions.create(overrides=[r"attn_v=iq6_k"])
     assert assign_types(names[:1], "IQ2_KT", facts, ov)[0].type_name == "IQ6_K"
 
-    plan = quantize_model(TINY, None, "IQ2_KS", attn_v_type="q8_0", attn_output_type="q8_0", dry_run=True)
+    plan = quantize_model(TINY, None, "IQ2_KS", dry_run=True,
+                          options=TypeOptions(attn_v_type="q8_0", attn_output_type="q8_0"))
     assert plan.tensor("blk.0.attn_v.weight").dst_type == "IQ3_K"
     assert plan.tensor("blk.0.attn_output.weight").dst_type == "Q8_0"
     assert any("--attn-v-type" in w and "IQ2_KS" in w and "--attn-output-type" not in w for w in plan.warnings)

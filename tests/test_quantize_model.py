@@ -19,10 +19,9 @@ from evalkit.cli import main as cli_main
 from evalkit.formats import get_format
 from evalkit.gguf import GGUFFile, TensorSpec, write_gguf
 from evalkit.imatrix import load_imatrix
-from evalkit.sources import ModelNotFoundError, smollm2_path
-from evalkit.recipes import build_plan, open_source, quantize_model, quantize_tensor
+from evalkit.sources import ModelNotFoundError, open_source, smollm2_path
+from evalkit.recipes import TypeOptions, build_plan, quantize_model, quantize_tensor
 from evalkit.recipes.plan import kernel_gaps
-from evalkit.recipes.rules import TypeOptions
 
 GGUF_DIR = GOLDEN / "gguf"
 BASE = GGUF_DIR / "tiny-base.gguf"
@@ -172,7 +171,7 @@ def test_mix_whole_file_identical(case, mix_runs):
 def test_metadata_like_reference():
     """file_type, quantization_version and the quantize.imatrix.* keys as llama-quantize writes them."""
     with GGUFFile(GGUF_DIR / "tiny-kt-mix-imatrix.gguf") as g:
-        plan = quantize_model(BASE, None, "IQ4_K", imatrix=IMATRIX, dry_run=True, **KT_MIX)
+        plan = quantize_model(BASE, None, "IQ4_K", imatrix=IMATRIX, dry_run=True, options=TypeOptions(**KT_MIX))
         want = dict(g.metadata)
         want["quantize.imatrix.file"] = str(IMATRIX)    # the path as given
         assert plan.metadata == want
@@ -266,19 +265,20 @@ def test_smollm2_dry_run_plan(ftype, capsys):
 def test_smollm2_pure_and_overrides():
     """--pure skips the mix rules (not the fallback); --override: first matching rule wins."""
     path = _smollm2_path()
-    pure = quantize_model(path, None, "IQ4_K", pure=True, dry_run=True).types()
+    pure = quantize_model(path, None, "IQ4_K", options=TypeOptions(pure=True), dry_run=True).types()
     assert pure["token_embd.weight"] == "Q5_0"     # no tied-output rule, only the fallback
     assert pure["blk.3.attn_v.weight"] == "Q5_0"
     assert pure["blk.3.ffn_down.weight"] == "IQ4_K"
-    ov = quantize_model(path, None, "IQ4_K", dry_run=True,
-                        overrides=[r"blk\.1\.attn_q=q8_0", "attn_q=IQ4_K", "attn=Q4_0", "ffn_down=IQ6_K"]).types()
+    rules = [r"blk\.1\.attn_q=q8_0", "attn_q=IQ4_K", "attn=Q4_0", "ffn_down=IQ6_K"]
+    ov = quantize_model(path, None, "IQ4_K", dry_run=True, options=TypeOptions(overrides=rules)).types()
     assert ov["blk.1.attn_q.weight"] == "Q8_0"
     assert ov["blk.2.attn_q.weight"] == "Q5_0"     # IQ4_K then the 576 fallback
     assert ov["blk.2.attn_k.weight"] == "Q4_0"
     assert ov["blk.2.attn_v.weight"] == "Q4_0"     # overrides beat the attn_v rule
     assert ov["blk.2.ffn_down.weight"] == "IQ6_K"
     assert ov["blk.2.ffn_up.weight"] == "Q5_0"
-    cls = quantize_model(path, None, "IQ4_K", dry_run=True, attn_v_type="q8_0", ffn_down_type="Q6_K").types()
+    cls = quantize_model(path, None, "IQ4_K", dry_run=True,
+                         options=TypeOptions(attn_v_type="q8_0", ffn_down_type="Q6_K")).types()
     assert cls["blk.0.attn_v.weight"] == "Q8_0" and cls["blk.0.ffn_down.weight"] == "Q6_K"
 
 
@@ -295,7 +295,8 @@ def test_ftype_names_and_ids():
         "IQ4_KT": 153, "IQ3_KS": 154, "IQ2_KL": 155, "IQ1_KT": 156}
     with pytest.raises(NotImplementedError, match="Q3_K_M"):   # Q2_K/Q3_K_* mix rules: still missing
         quantize_model(BASE, None, "Q3_K_M", dry_run=True)
-    assert set(quantize_model(BASE, None, "IQ2_KS", pure=True, dry_run=True).types().values()) == {"IQ2_KS", "F32"}
+    pure = quantize_model(BASE, None, "IQ2_KS", options=TypeOptions(pure=True), dry_run=True)
+    assert set(pure.types().values()) == {"IQ2_KS", "F32"}
 
 
 def _facts(**kw):
@@ -370,7 +371,7 @@ H, NH, NKV, FF, NL, V = 256, 4, 2, 512, 2, 300
 
 
 def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    # convert_hf_to_gguf.py LlamaModel.permute, written out independently of hf_source
+    # convert_hf_to_gguf.py LlamaModel.permute, written out independently of evalkit.sources.hf
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 

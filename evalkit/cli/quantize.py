@@ -4,18 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-# (option, attribute) of the reference's per-class type options
-_CLASS_FLAGS = [
-    ("--token-embedding-type", "token_embedding_type", "token_embd.weight"),
-    ("--output-tensor-type", "output_tensor_type", "output.weight (or the tied token_embd.weight)"),
-    ("--attn-q-type", "attn_q_type", "*attn_q* tensors"),
-    ("--attn-k-type", "attn_k_type", "*attn_k* tensors"),
-    ("--attn-v-type", "attn_v_type", "*attn_v.weight"),
-    ("--attn-output-type", "attn_output_type", "*attn_output.weight"),
-    ("--ffn-gate-type", "ffn_gate_type", "*ffn_gate* tensors"),
-    ("--ffn-up-type", "ffn_up_type", "*ffn_up* tensors"),
-    ("--ffn-down-type", "ffn_down_type", "*ffn_down* tensors"),
-]
+from evalkit.recipes.options import CLASS_OPTIONS, TypeOptions
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -37,8 +26,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--override", action="append", default=[], metavar="REGEX=TYPE",
                    help="tensors whose name matches REGEX get TYPE (the reference's --custom-q; the first "
                         "matching rule wins; may be repeated)")
-    for flag, attr, what in _CLASS_FLAGS:
-        p.add_argument(flag, dest=attr, metavar="T", default=None, help=f"type for {what}")
+    for opt in CLASS_OPTIONS:
+        p.add_argument(opt.flag, dest=opt.attr, metavar="T", default=None, help=f"type for {opt.applies_to}")
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan, write nothing")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.set_defaults(func=_cmd_quantize)
@@ -48,8 +37,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     """Run `evalkit quantize`; clear message and exit status 2 on any input error."""
     import time
 
-    from evalkit.gguf import GGUFError
-    from evalkit.imatrix import ImatrixError
+    from evalkit.recipes.ftypes import get_ftype
     from evalkit.recipes.model_quantizer import quantize_model
 
     if args.out is None and not args.dry_run:
@@ -57,17 +45,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     try:
-        plan = quantize_model(
-            args.src, args.out, args.ftype, imatrix=args.imatrix, pure=args.pure, threads=args.threads,
-            overrides=args.override, dry_run=args.dry_run, progress=args.progress and not args.dry_run,
-            **{attr: getattr(args, attr) for _, attr, _ in _CLASS_FLAGS})
-    except (GGUFError, ImatrixError, ValueError, KeyError, OSError, NotImplementedError) as e:
+        ftype = get_ftype(args.ftype)   # checked first: a bad --type is the first thing reported
+        options = TypeOptions(pure=args.pure, overrides=args.override,
+                              **{opt.attr: getattr(args, opt.attr) for opt in CLASS_OPTIONS})
+        plan = quantize_model(args.src, args.out, ftype, imatrix=args.imatrix, options=options,
+                              threads=args.threads, dry_run=args.dry_run,
+                              progress=args.progress and not args.dry_run)
+    except (ValueError, KeyError, NotImplementedError) as e:
+        # Named errors (EvalkitError) and OS errors are reported by evalkit.cli.main; the array
+        # API below the quantizer raises plain ValueError for bad tensors, which is bad input too.
         msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
         print(f"evalkit quantize: error: {msg}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("evalkit quantize: interrupted; no output written", file=sys.stderr)
-        return 130
     if args.dry_run:
         try:
             print(plan.table())

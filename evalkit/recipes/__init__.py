@@ -1,10 +1,11 @@
 """Whole-model quantization with ik_llama.cpp ``llama-quantize``'s per-tensor type rules.
 
-``quantize_model(src, out, "IQ4_K", imatrix=...)`` writes a GGUF whose tensors are
-byte-identical to the reference's; ``build_plan`` / ``--dry-run`` show the decisions.
-Names are resolved lazily so that the CLI (which imports ``evalkit.cli.quantize``)
-starts without loading the quantizer. (The package is not called ``evalkit.quantize``:
-that name is the array-level kernel function ``evalkit.quantize(x, type_name)``.)
+``quantize_model(src, out, "IQ4_K", imatrix=..., options=TypeOptions(...))`` writes a GGUF
+whose tensors are byte-identical to the reference's; ``build_plan`` / ``--dry-run`` show
+the decisions. Names are resolved lazily so that the CLI (which imports
+``evalkit.cli.quantize``) starts without loading the quantizer. (The package is not called
+``evalkit.quantize``: that name is the array-level kernel function
+``evalkit.quantize(x, type_name)``.) Model sources (GGUF, HF) live in :mod:`evalkit.sources`.
 """
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ from typing import Any
 
 _EXPORTS = {
     "FTYPES": "ftypes", "FType": "ftypes", "get_ftype": "ftypes", "known_ftypes": "ftypes",
-    "quantize_model": "model_quantizer", "quantize_tensor": "model_quantizer", "open_source": "model_quantizer",
+    "quantize_model": "model_quantizer", "quantize_tensor": "model_quantizer",
     "QuantPlan": "plan", "TensorPlan": "plan", "build_plan": "plan",
-    "ModelFacts": "rules", "RuleError": "rules", "TypeOptions": "rules", "tensor_type": "rules",
+    "TypeOptions": "options", "ClassOption": "options", "CLASS_OPTIONS": "options", "RuleError": "options",
+    "ModelFacts": "rules", "tensor_type": "rules",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,87 +1,29 @@
 """Quantize a whole model, tensor by tensor, exactly as ik_llama.cpp's ``llama-quantize``.
 
-The source (a GGUF file, or a HuggingFace checkpoint directory via
-:mod:`evalkit.recipes.hf_source`) is memory-mapped; each tensor is dequantized to
-float32 (exactly, with the reference's ``to_float``), quantized by the C kernels and
-streamed to the output, so peak memory is a few tensors. Tensors whose type does not
-change are copied byte for byte. The output appears atomically (temp file + rename);
-any failure leaves no output file.
+The source (a GGUF file, or a HuggingFace checkpoint directory: :func:`evalkit.sources.open_source`)
+is memory-mapped; each tensor is dequantized to float32 (exactly, with the reference's
+``to_float``), quantized by the C kernels and streamed to the output, so peak memory is a
+few tensors. Tensors whose type does not change are copied byte for byte. The output
+appears atomically (temp file + rename); any failure leaves no output file.
 """
 from __future__ import annotations
 
-import mmap
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
+from evalkit.recipes.options import TypeOptions
 from evalkit.recipes.plan import QuantPlan, TensorPlan, build_plan, kernel_gaps
-from evalkit.recipes.rules import TypeOptions
+from evalkit.sources import TensorSource, open_source
 
-__all__ = ["GGUFSource", "open_source", "quantize_tensor", "quantize_model", "load_imatrix_arg"]
-
-_PAGE = mmap.PAGESIZE
+__all__ = ["quantize_tensor", "quantize_model", "load_imatrix_arg"]
 
 
-class GGUFSource:
-    """A GGUF model as a quantization source: metadata, tensor list, raw bytes, float32 rows."""
-
-    def __init__(self, path: str | Path):
-        from evalkit.gguf import GGUFFile
-
-        self.path = str(path)
-        self.file = GGUFFile(self.path)
-        self.metadata = self.file.metadata
-        self.metadata_types = self.file.metadata_types
-        self.tensors = list(self.file.tensors.values())
-
-    def raw(self, name: str) -> np.ndarray:
-        """Zero-copy uint8 (rows, row_bytes) view of a tensor's stored bytes."""
-        return self.file.tensor_bytes(name)
-
-    def rows_f32(self, name: str, threads: int | None = None) -> np.ndarray:
-        """The tensor as float32 rows (nrows, ne0), dequantized exactly like the reference."""
-        from evalkit.codec import dequantize
-
-        t = self.file.tensor(name)
-        q = self.file.tensor_bytes(name)
-        if t.type_name == "F32":
-            return q.view(np.float32)   # already float: no copy
-        return dequantize(q, t.type_name, t.n_per_row, threads=threads)
-
-    def release(self, name: str) -> None:
-        """Drop a finished tensor's pages from this process (the reference unmaps them too)."""
-        mm = getattr(self.file, "_mm", None)
-        if mm is None or not hasattr(mm, "madvise"):
-            return
-        t = self.file.tensor(name)
-        start = t.offset - t.offset % _PAGE
-        try:
-            mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
-        except (OSError, ValueError, AttributeError):
-            pass  # only an optimisation
-
-    def close(self) -> None:
-        """Unmap the file."""
-        self.file.close()
-
-
-def open_source(path: str | Path) -> Any:
-    """Open a GGUF file, or a HuggingFace checkpoint (directory with config.json, or that file)."""
-    p = Path(path)
-    if p.is_dir() or p.name == "config.json":
-        from evalkit.recipes.hf_source import HFSource
-
-        return HFSource(p if p.is_dir() else p.parent)
-    if not p.exists():
-        raise FileNotFoundError(f"{path}: no such file or directory")
-    return GGUFSource(p)
-
-
-def quantize_tensor(source: Any, tp: TensorPlan, imatrix: np.ndarray | None = None,
+def quantize_tensor(source: TensorSource, tp: TensorPlan, imatrix: np.ndarray | None = None,
                     threads: int | None = None) -> np.ndarray:
     """The output bytes of one planned tensor, uint8 (rows, row_bytes).
 
@@ -126,28 +68,21 @@ def load_imatrix_arg(imatrix: Any) -> tuple[Any, str | None]:
     return imatrix, getattr(imatrix, "path", None) or ""
 
 
-def quantize_model(src: Any, out: str | Path | None, ftype: str | int | FType, imatrix: Any = None,
-                   pure: bool = False, threads: int | None = None, overrides: Iterable[str] = (),
-                   token_embedding_type: str | None = None, output_tensor_type: str | None = None,
-                   attn_q_type: str | None = None, attn_k_type: str | None = None,
-                   attn_v_type: str | None = None, attn_output_type: str | None = None,
-                   ffn_gate_type: str | None = None, ffn_up_type: str | None = None,
-                   ffn_down_type: str | None = None, dry_run: bool = False,
-                   progress: bool = True) -> QuantPlan:
+def quantize_model(src: str | Path | TensorSource, out: str | Path | None, ftype: str | int | FType,
+                   imatrix: Any = None, options: TypeOptions | None = None, threads: int | None = None,
+                   dry_run: bool = False, progress: bool = True) -> QuantPlan:
     """Quantize model ``src`` (GGUF path, HF checkpoint directory, or an opened source) to ``out``.
 
     ``ftype`` is an ftype name/id (IQ4_K, Q4_K_M, 140, ...); ``imatrix`` a path or an
-    Imatrix; ``overrides`` are ``'REGEX=TYPE'`` rules (first match wins); the ``*_type``
-    arguments are the reference's per-class options. With ``dry_run`` nothing is written.
-    Returns the plan (types, sizes, reasons). Errors (bad input, imatrix mismatch,
-    missing kernels) are raised before the output file is created.
+    Imatrix; ``options`` the reference's --pure / --custom-q / per-class type options
+    (None: none of them). With ``dry_run`` nothing is written. Returns the plan (types,
+    sizes, reasons). Errors (bad input, imatrix mismatch, missing kernels) are raised
+    before the output file is created.
     """
     ft = get_ftype(ftype)
-    opts = TypeOptions.create(
-        pure=pure, overrides=overrides, token_embedding_type=token_embedding_type,
-        output_tensor_type=output_tensor_type, attn_q_type=attn_q_type, attn_k_type=attn_k_type,
-        attn_v_type=attn_v_type, attn_output_type=attn_output_type, ffn_gate_type=ffn_gate_type,
-        ffn_up_type=ffn_up_type, ffn_down_type=ffn_down_type)
+    opts = TypeOptions() if options is None else options
+    if not isinstance(opts, TypeOptions):
+        raise TypeError(f"options must be an evalkit.recipes.TypeOptions, got {type(opts).__name__}")
     im, label = load_imatrix_arg(imatrix)
     own = not hasattr(src, "tensors")
     source = open_source(src) if own else src

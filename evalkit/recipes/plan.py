@@ -14,8 +14,8 @@ from gguf import GGUFValueType
 
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
-from evalkit.recipes.rules import (CLASS_OPTIONS, IGNORED_CLASS_OPTIONS, ModelFacts, RuleError, TypeOptions,
-                                   assign_types)
+from evalkit.recipes.options import CLASS_OPTIONS, RuleError, TypeOptions
+from evalkit.recipes.rules import IGNORED_CLASS_OPTIONS, ModelFacts, assign_types
 
 __all__ = ["TensorPlan", "QuantPlan", "build_plan", "find_imatrix_entry", "output_metadata",
            "kernel_gaps", "GGML_QNT_VERSION"]
@@ -192,13 +192,35 @@ def output_metadata(metadata: dict[str, Any], metadata_types: dict[str, tuple[in
     return meta, types
 
 
+def _option_warnings(ft: FType, opts: TypeOptions) -> list[str]:
+    """The options the reference silently ignores for this ftype / --pure, as warnings."""
+    warnings: list[str] = []
+    if opts.overrides and not opts.pure and ft.is_float:
+        warnings.append(f"--override rules are ignored for the float ftype {ft.name} (as in the reference)")
+    if opts.pure and opts.overrides:
+        warnings.append("--override rules are ignored with --pure (as in the reference)")
+    # the layer-tensor options act inside the mix rules only (their exact-name re-application
+    # never matches blk.N.* names), so --pure and the float ftypes ignore them
+    ignored = [o.flag for o in CLASS_OPTIONS if o.layer and getattr(opts, o.attr)]
+    if ignored and (opts.pure or ft.is_float):
+        warnings.append(f"{', '.join(ignored)} ignored with {'--pure' if opts.pure else 'ftype ' + ft.name} "
+                        "(as in the reference)")
+    elif not opts.pure:
+        own_branch = IGNORED_CLASS_OPTIONS.get(ft.name, ())
+        ignored = [o.flag for o in CLASS_OPTIONS if o.attr in own_branch and getattr(opts, o.attr)]
+        if ignored:
+            warnings.append(f"{', '.join(ignored)} ignored with ftype {ft.name} (as in the reference: its own "
+                            "branch of the mix rules does not look at them; use --override instead)")
+    return warnings
+
+
 def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: Any = None,
                imatrix_label: str | None = None, output: str | None = None) -> QuantPlan:
     """Decide every tensor of ``source`` and validate the imatrix against them.
 
-    ``source`` has ``path``, ``metadata``, ``metadata_types`` and ``tensors`` (a list of
-    entries with ``name``, ``shape``, ``type_name``, ``nbytes``). Raises RuleError /
-    NotImplementedError before anything is written.
+    ``source`` is a :class:`~evalkit.sources.TensorSource` (only its ``path``, ``metadata``,
+    ``metadata_types`` and ``tensors`` are read). Raises RuleError / NotImplementedError
+    before anything is written.
     """
     ft = get_ftype(ftype)
     infos = list(source.tensors)
@@ -210,23 +232,7 @@ def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: A
             if not np.isfinite(v).all():
                 raise RuleError(f"imatrix entry {k!r} contains non-finite values")
     opts = options.with_imatrix(has_im)
-    warnings: list[str] = []
-    if options.overrides and not opts.pure and ft.is_float:
-        warnings.append(f"--override rules are ignored for the float ftype {ft.name} (as in the reference)")
-    if opts.pure and options.overrides:
-        warnings.append("--override rules are ignored with --pure (as in the reference)")
-    # the layer-tensor options act inside the mix rules only (their exact-name re-application
-    # never matches blk.N.* names), so --pure and the float ftypes ignore them
-    ignored = [flag for attr, flag in CLASS_OPTIONS[2:] if getattr(opts, attr)]
-    if ignored and (opts.pure or ft.is_float):
-        warnings.append(f"{', '.join(ignored)} ignored with {'--pure' if opts.pure else 'ftype ' + ft.name} "
-                        "(as in the reference)")
-    elif not opts.pure:
-        flags = dict(CLASS_OPTIONS)
-        ignored = [flags[a] for a in IGNORED_CLASS_OPTIONS.get(ft.name, ()) if getattr(opts, a)]
-        if ignored:
-            warnings.append(f"{', '.join(ignored)} ignored with ftype {ft.name} (as in the reference: its own "
-                            "branch of the mix rules does not look at them; use --override instead)")
+    warnings = _option_warnings(ft, opts)
     decisions = assign_types(((t.name, t.shape, t.type_name) for t in infos), ft, model, opts)
 
     plans: list[TensorPlan] = []

@@ -21,17 +21,18 @@ advanced by :func:`assign_types`, which walks a model's tensors in file order.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Sequence
 
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
-from evalkit.errors import EvalkitError
+from evalkit.recipes.options import CLASS_OPTIONS, RuleError, TypeOptions
 
+# RuleError and TypeOptions are defined in evalkit.recipes.options; the rules take and raise them.
 __all__ = [
     "RuleError", "ModelFacts", "TypeOptions", "Position", "Decision",
     "should_quantize", "fallback_type", "mix_type", "tensor_type", "assign_types",
-    "parse_override", "normalize_type", "model_size_label", "IGNORED_CLASS_OPTIONS",
+    "model_size_label", "IGNORED_CLASS_OPTIONS",
 ]
 
 QK_K = 256
@@ -47,20 +48,6 @@ _FALLBACK = {
     **dict.fromkeys(["IQ5_K", "Q5_K"], "Q6_0"),
     **dict.fromkeys(["IQ6_K", "Q6_K"], "Q8_0"),
 }
-
-# Per-class options: (attribute, command-line flag).
-CLASS_OPTIONS = [
-    ("token_embedding_type", "--token-embedding-type"),
-    ("output_tensor_type", "--output-tensor-type"),
-    ("attn_q_type", "--attn-q-type"),
-    ("attn_k_type", "--attn-k-type"),
-    ("attn_v_type", "--attn-v-type"),
-    ("attn_output_type", "--attn-output-type"),
-    ("ffn_gate_type", "--ffn-gate-type"),
-    ("ffn_up_type", "--ffn-up-type"),
-    ("ffn_down_type", "--ffn-down-type"),
-]
-
 
 # Ftypes with their own branch in llama_tensor_get_type that replaces the per-class chain
 # for layer tensors: the reference then never looks at these options (and their exact-name
@@ -80,35 +67,6 @@ _OUT_IQ5K_TIED = frozenset({"IQ3_KL", "IQ4_KS", "IQ4_KSS"})
 # attn_output with >= 4 experts → Q5_K (llama-quantize's list, restricted to evalkit's ftypes)
 _ATTN_OUT_MOE_Q5K = frozenset({"IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_K", "IQ4_KSS", "IQ4_KS", "IQ5_KS",
                                "IQ2_K", "IQ3_K", "IQ3_KL", "IQ3_KT", "IQ3_KS"})
-
-
-class RuleError(EvalkitError, ValueError):
-    """A type choice is impossible or an option is malformed (message says which tensor / option)."""
-
-
-def normalize_type(name: str, what: str = "type") -> str:
-    """Canonical ggml type name for a user-given one (case-insensitive); RuleError if unknown."""
-    try:
-        return get_format(name).name
-    except (ValueError, TypeError) as e:
-        raise RuleError(f"{what}: {e}") from None
-
-
-def parse_override(spec: str | tuple[str, str]) -> tuple[str, str]:
-    """Parse ``'REGEX=TYPE'`` (split at the last '=') into (regex, canonical type); validates both."""
-    if isinstance(spec, tuple):
-        regex, tname = spec
-    else:
-        if "=" not in spec:
-            raise RuleError(f"override {spec!r}: expected REGEX=TYPE")
-        regex, tname = spec.rsplit("=", 1)
-    if not regex:
-        raise RuleError(f"override {spec!r}: empty regular expression")
-    try:
-        re.compile(regex)
-    except re.error as e:
-        raise RuleError(f"override {spec!r}: invalid regular expression {regex!r}: {e}") from None
-    return regex, normalize_type(tname.strip(), f"override {spec!r}")
 
 
 def model_size_label(arch: str, n_layer: int, n_vocab: int, n_head: int, n_head_kv: int,
@@ -187,54 +145,6 @@ class ModelFacts:
         label = model_size_label(arch, n_layer, int(n_vocab), n_head, n_head_kv, n_embd, n_expert)
         return cls(arch, n_layer, n_head, n_head_kv, n_expert, int(n_vocab), n_embd, has_output,
                    n_wv, label)
-
-
-@dataclass(frozen=True)
-class TypeOptions:
-    """The user's choices: --pure, --override rules, per-class types, whether an imatrix is used."""
-
-    pure: bool = False
-    overrides: tuple[tuple[str, str], ...] = ()
-    token_embedding_type: str | None = None
-    output_tensor_type: str | None = None
-    attn_q_type: str | None = None
-    attn_k_type: str | None = None
-    attn_v_type: str | None = None
-    attn_output_type: str | None = None
-    ffn_gate_type: str | None = None
-    ffn_up_type: str | None = None
-    ffn_down_type: str | None = None
-    has_imatrix: bool = False
-    _compiled: tuple = field(default=(), compare=False, repr=False)
-
-    @classmethod
-    def create(cls, pure: bool = False, overrides: Iterable[str | tuple[str, str]] = (),
-               has_imatrix: bool = False, **class_types: str | None) -> "TypeOptions":
-        """Validate and normalise: type names canonical, regexes compiled. RuleError on bad input."""
-        known = {a for a, _ in CLASS_OPTIONS}
-        unknown = set(class_types) - known
-        if unknown:
-            raise TypeError(f"unknown per-class option(s): {', '.join(sorted(unknown))}")
-        norm = {}
-        for attr, flag in CLASS_OPTIONS:
-            v = class_types.get(attr)
-            norm[attr] = None if v is None else normalize_type(v, flag)
-        rules = tuple(parse_override(o) for o in overrides)
-        compiled = tuple((re.compile(r), t) for r, t in rules)
-        return cls(pure=bool(pure), overrides=rules, has_imatrix=bool(has_imatrix),
-                   _compiled=compiled, **norm)
-
-    def with_imatrix(self, has_imatrix: bool) -> "TypeOptions":
-        """A copy with ``has_imatrix`` set."""
-        return replace(self, has_imatrix=has_imatrix)
-
-    def custom_type(self, name: str) -> tuple[str, str] | None:
-        """The first --override rule whose regex is found in ``name``: (type, regex)."""
-        compiled = self._compiled or tuple((re.compile(r), t) for r, t in self.overrides)
-        for rx, t in compiled:
-            if rx.search(name):
-                return t, rx.pattern
-        return None
 
 
 @dataclass(frozen=True)
@@ -600,17 +510,12 @@ def tensor_type(name: str, shape: Sequence[int], src_type: str, ftype: FType | s
     # The reference then re-applies the per-class options by *exact* tensor name. Only
     # token_embd.weight / output.weight can match (layer tensors are named blk.N.*), and
     # this happens after the fallback, so an unsuitable type is not corrected here.
-    if opts.token_embedding_type and name == "token_embd.weight" and t != opts.token_embedding_type:
-        t, reason = opts.token_embedding_type, "--token-embedding-type"
-    if opts.output_tensor_type and name == "output.weight" and t != opts.output_tensor_type:
-        t, reason = opts.output_tensor_type, "--output-tensor-type"
-    for attr, exact in (("attn_q_type", "attn_q.weight"), ("attn_k_type", "attn_k.weight"),
-                        ("attn_v_type", "attn_v.weight"), ("attn_output_type", "attn_output.weight"),
-                        ("ffn_gate_type", "ffn_gate"), ("ffn_down_type", "ffn_down"),
-                        ("ffn_up_type", "ffn_up")):
-        v = getattr(opts, attr)
-        if v and name == exact:
-            t, reason = v, f"--{attr.replace('_', '-')}"
+    # When token_embd/output already have that type (the mix rules applied the option),
+    # their reason is kept.
+    for opt in CLASS_OPTIONS:
+        v = getattr(opts, opt.attr)
+        if v and name == opt.exact_name and (opt.layer or t != v):
+            t, reason = v, opt.flag
     fmt = get_format(t)
     if int(shape[0]) % fmt.block_size:
         raise RuleError(f"tensor {name!r}: {t} needs rows that are a multiple of {fmt.block_size} "

@@ -1,4 +1,4 @@
-"""A HuggingFace checkpoint (config.json + *.safetensors) as a quantization source.
+"""A HuggingFace checkpoint (config.json + *.safetensors) as a tensor source.
 
 Presents the checkpoint the way ``convert_hf_to_gguf.py`` would have written it as GGUF:
 GGUF tensor names, ggml-order shapes, llama's Q/K rows permuted (``LlamaModel.permute``:
@@ -7,6 +7,9 @@ not permuted), 1-D tensors as F32, 2-D tensors in the checkpoint's own dtype
 (F32/F16/BF16: no F16 rounding step in between), hyper-parameters as ``{arch}.*``
 metadata and, when ``tokenizer.json`` holds a BPE tokenizer, the ``tokenizer.ggml.*`` keys.
 Tensor order follows the converter: shard files in name order, tensors sorted by HF name.
+
+``HFSource(dir, permute_qk=False)`` leaves the Q/K rows as HF stores them: the forward
+pass reads checkpoints that way and rotates with NEOX pairing instead.
 """
 from __future__ import annotations
 
@@ -24,13 +27,16 @@ from gguf import GGUFValueType
 from evalkit.gguf.reader import TensorInfo
 from evalkit.errors import EvalkitError
 
-__all__ = ["HFSource", "HFSourceError", "permute_qk"]
+__all__ = ["HFSource", "HFSourceError", "HF_ARCHITECTURES", "HF_MODEL_TYPES", "hf_architecture",
+           "qk_permutation"]
 
-_ARCHS = {
+# The one map from HF names to evalkit architectures: config.json's "architectures"
+# (what convert_hf_to_gguf dispatches on) and, as a fallback, its "model_type".
+HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama", "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3",
 }
-_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 _DTYPES = {"F32": (np.dtype("<f4"), 0, "F32"), "F16": (np.dtype("<f2"), 1, "F16"),
            "BF16": (np.dtype("<u2"), 30, "BF16")}
 _LAYER = {
@@ -58,7 +64,13 @@ class HFSourceError(EvalkitError, ValueError):
     """The checkpoint is unreadable or uses something this converter does not handle."""
 
 
-def permute_qk(n_rows: int, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
+def hf_architecture(config: dict[str, Any]) -> str | None:
+    """The evalkit architecture of a parsed config.json ("architectures" first, then "model_type")."""
+    arch = next((HF_ARCHITECTURES[a] for a in config.get("architectures") or [] if a in HF_ARCHITECTURES), None)
+    return arch or HF_MODEL_TYPES.get(config.get("model_type", ""))
+
+
+def qk_permutation(n_rows: int, n_head: int, n_head_kv: int | None = None) -> np.ndarray:
     """Row order of convert_hf_to_gguf's LlamaModel.permute: new row i is old row index[i]."""
     if n_head_kv is not None and n_head != n_head_kv:
         n_head = n_head_kv
@@ -110,11 +122,19 @@ def _read_safetensors(path: Path) -> tuple[mmap.mmap, dict[str, Any]]:
 
 
 class HFSource:
-    """A llama / qwen2 / qwen3 HuggingFace checkpoint directory, read lazily (memory-mapped)."""
+    """A llama / qwen2 / qwen3 HuggingFace checkpoint directory, read lazily (memory-mapped).
 
-    def __init__(self, directory: str | Path):
+    ``permute_qk`` (default True) permutes llama's Q/K rows as convert_hf_to_gguf does, so
+    that tensors and metadata together are the GGUF the converter would write; False
+    keeps HF's order (the forward pass, which then uses NEOX rope). The metadata is built
+    on first use, so a reader that needs only tensors is not stopped by what the converter
+    cannot describe (e.g. llama3 rope scaling).
+    """
+
+    def __init__(self, directory: str | Path, permute_qk: bool = True):
         self.dir = Path(directory)
         self.path = str(self.dir)
+        self.permute_qk = bool(permute_qk)
         cfg_path = self.dir / "config.json"
         try:
             self.config = json.loads(cfg_path.read_text())
@@ -123,16 +143,11 @@ class HFSource:
         except json.JSONDecodeError as e:
             raise HFSourceError(f"{cfg_path}: not valid JSON: {e}") from None
         c = self.config
-        arch = next((_ARCHS[a] for a in c.get("architectures") or [] if a in _ARCHS), None)
-        arch = arch or _MODEL_TYPES.get(c.get("model_type", ""))
+        arch = hf_architecture(c)
         if arch is None:
             raise HFSourceError(f"{cfg_path}: unsupported architecture {c.get('architectures') or c.get('model_type')}"
                                 "; evalkit converts llama, qwen2 and qwen3 checkpoints")
         self.arch = arch
-        rs = c.get("rope_scaling")
-        if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "linear", "default"):
-            raise HFSourceError(f"{cfg_path}: rope_scaling {rs.get('rope_type') or rs.get('type')!r} is not "
-                                "supported by evalkit's converter (convert it with convert_hf_to_gguf.py)")
         try:
             self.n_layer = int(c["num_hidden_layers"])
             self.n_embd = int(c["hidden_size"])
@@ -143,12 +158,36 @@ class HFSource:
         self._maps: list[mmap.mmap] = []
         self._entries: dict[str, _Entry] = {}
         self.tensors: list[TensorInfo] = []
+        self._meta: tuple[dict[str, Any], dict[str, tuple[int, int | None]]] | None = None
         try:
             self._load_tensors()
         except Exception:
             self.close()
             raise
-        self.metadata, self.metadata_types = self._build_metadata()
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The GGUF metadata convert_hf_to_gguf would write (``{arch}.*``, ``tokenizer.ggml.*``)."""
+        return self._metadata()[0]
+
+    @property
+    def metadata_types(self) -> dict[str, tuple[int, int | None]]:
+        """Each metadata key's (GGUFValueType, array item type or None)."""
+        return self._metadata()[1]
+
+    def _metadata(self) -> tuple[dict[str, Any], dict[str, tuple[int, int | None]]]:
+        if self._meta is None:
+            cfg_path = self.dir / "config.json"
+            if self.arch == "llama" and not self.permute_qk:
+                # llama GGUFs rotate adjacent pairs: unpermuted rows would be read wrongly
+                raise HFSourceError(f"{self.dir}: opened with permute_qk=False, so its llama Q/K rows are not "
+                                    "what a GGUF holds; open it with permute_qk=True to convert it")
+            rs = self.config.get("rope_scaling")
+            if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "linear", "default"):
+                raise HFSourceError(f"{cfg_path}: rope_scaling {rs.get('rope_type') or rs.get('type')!r} is not "
+                                    "supported by evalkit's converter (convert it with convert_hf_to_gguf.py)")
+            self._meta = self._build_metadata()
+        return self._meta
 
     # -- tensors -----------------------------------------------------------------
     def _shard_files(self) -> list[Path]:
@@ -191,7 +230,7 @@ class HFSource:
                     raise HFSourceError(f"{f}: tensor {hf!r} appears twice")
                 dt, shape, b, e = header[hf]
                 entry = _Entry(hf, mm, dt, shape, b, e)
-                if self.arch == "llama":
+                if self.arch == "llama" and self.permute_qk:
                     if hf.endswith(("q_proj.weight", "q_proj.bias")):
                         entry.perm_heads = (self.n_head, self.n_head)
                     elif hf.endswith(("k_proj.weight", "k_proj.bias")):
@@ -214,9 +253,9 @@ class HFSource:
         a = a.reshape(-1, ne0)
         if e.perm_heads is not None:
             if len(e.shape) == 1:
-                a = a[:, permute_qk(ne0, *e.perm_heads)]
+                a = a[:, qk_permutation(ne0, *e.perm_heads)]
             else:
-                a = a[permute_qk(a.shape[0], *e.perm_heads)]
+                a = a[qk_permutation(a.shape[0], *e.perm_heads)]
         return a, e.dtype
 
     @staticmethod
