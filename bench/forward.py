@@ -259,7 +259,8 @@ def big_child(path: str, threads: int) -> None:
     """Runs in a fresh process: load, evaluate one 512-token chunk, report peak RSS."""
     import resource
     from evalkit.model import Model
-    m = Model.from_gguf(path, threads=threads)
+    torch.set_num_threads(threads)
+    m = Model.from_gguf(path)
     x = torch.from_numpy(np.random.default_rng(1).integers(0, BIG["n_vocab"], 512))
     t = time.perf_counter()
     logits = m(x)

@@ -36,14 +36,22 @@ class CheckRow:
     ok: bool
 
 
-def _load_yaml(path: str) -> dict:
+def _read_mapping(path: str, parse, parse_error, what: str) -> dict:
+    """Read and parse a file that must hold a mapping with a 'variants' mapping."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = parse(Path(path).read_text())
     except OSError as e:
         raise CheckError(f"{path}: cannot read: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        raise CheckError(f"{path}: malformed YAML: {e}") from None
+    except parse_error as e:
+        raise CheckError(f"{path}: {what}: {e}") from None
     if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+        return {}
+    return data
+
+
+def _load_yaml(path: str) -> dict:
+    data = _read_mapping(path, yaml.safe_load, yaml.YAMLError, "malformed YAML")
+    if not data:
         raise CheckError(f"{path}: expected a mapping with a 'variants' mapping of pattern -> thresholds")
     extra = set(data) - {"variants"}
     if extra:
@@ -52,13 +60,8 @@ def _load_yaml(path: str) -> dict:
 
 
 def _load_results(path: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise CheckError(f"{path}: cannot read: {e.strerror}") from None
-    except json.JSONDecodeError as e:
-        raise CheckError(f"{path}: not valid JSON: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("variants"), dict):
+    data = _read_mapping(path, json.loads, json.JSONDecodeError, "not valid JSON")
+    if not data:
         raise CheckError(f"{path}: not an evalkit results.json (no 'variants' mapping)")
     return data
 

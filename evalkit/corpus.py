@@ -5,7 +5,7 @@ import hashlib
 from pathlib import Path
 
 from evalkit.run_config import CorpusSpec
-from evalkit.errors import EvalkitError
+from evalkit.errors import RunError
 
 __all__ = ["BUNDLED_CORPORA", "CorpusError", "load_corpus_text", "corpus_path"]
 
@@ -14,7 +14,7 @@ _DATA = Path(__file__).resolve().parent / "data"
 BUNDLED_CORPORA = {"wikitext-2-raw-test": _DATA / "wikitext-2-raw-test.txt"}
 
 
-class CorpusError(EvalkitError, ValueError):
+class CorpusError(RunError):
     """The corpus cannot be read."""
 
 
@@ -39,8 +39,12 @@ def load_corpus_text(spec: CorpusSpec, resolve=lambda p: p) -> tuple[str, str, s
     if path is not None:
         if not path.is_file():
             raise CorpusError(f"corpus file {path} not found")
-        raw = path.read_bytes()
-        return read_corpus(path), hashlib.sha256(raw).hexdigest(), str(path)
+        try:
+            raw = path.read_bytes()
+            return read_corpus(path), hashlib.sha256(raw).hexdigest(), str(path)
+        except (OSError, ValueError) as e:   # unreadable, or not UTF-8
+            raise CorpusError(str(e) if isinstance(e, ValueError)
+                              else f"corpus file {path}: {e.strerror or e}") from None
     try:
         import datasets  # optional: pip install evalkit[hub]
     except ImportError:

@@ -7,7 +7,7 @@ so library callers that catch those keep working.
 """
 from __future__ import annotations
 
-__all__ = ["EvalkitError", "InputError"]
+__all__ = ["EvalkitError", "InputError", "RunError"]
 
 
 class EvalkitError(Exception):
@@ -16,3 +16,7 @@ class EvalkitError(Exception):
 
 class InputError(EvalkitError, ValueError):
     """Bad input that has no more specific error class (a value, an argument, a file's content)."""
+
+
+class RunError(EvalkitError, ValueError):
+    """An evaluation (``evalkit run``, ``evalkit perplexity``) cannot proceed; the message says why."""

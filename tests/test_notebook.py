@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 from conftest import GOLDEN, REPO, SHARED
@@ -10,6 +11,7 @@ from evalkit.run_config import config_from_dict
 from evalkit.pipeline import run
 
 
+@pytest.mark.slow
 def test_analysis_notebook_runs(tmp_path, monkeypatch):
     corpus = tmp_path / "small.txt"
     corpus.write_bytes((SHARED / "data" / "wikitext-2-raw-test.txt").read_bytes()[:9000])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import GOLDEN, REPO, SHARED
-from evalkit.cli.perplexity import perplexity
+from evalkit.evaluation.perplexity import perplexity
 
 CORPUS = SHARED / "data" / "wikitext-2-raw-test.txt"
 REF = json.loads((GOLDEN / "stats" / "reference-stats.json").read_text())
@@ -27,6 +27,7 @@ def test_tiny_base_8_chunks_matches_reference():
     assert "Final estimate: PPL = " in out.getvalue() and "[8]" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_smollm2_first_chunks_follow_the_reference_running_ppl():
     """CI uses 4 chunks; the 40-chunk figure (22.3046 +/- 0.66990) is measured in the closing note."""
     res = perplexity("smollm2", str(CORPUS), ctx=512, chunks=4, threads=2, out=io.StringIO())
@@ -60,6 +61,7 @@ def test_tokenizer_vocabulary_size_differs_from_model(tmp_path):
         perplexity(str(bad), str(CORPUS), ctx=64, chunks=2, out=io.StringIO())
 
 
+@pytest.mark.slow
 def test_cli_json_and_errors(tmp_path):
     js = tmp_path / "ppl.json"
     r = subprocess.run([sys.executable, "-m", "evalkit", "perplexity", str(GOLDEN / "gguf" / "tiny-base.gguf"),
@@ -74,6 +76,7 @@ def test_cli_json_and_errors(tmp_path):
     assert r.returncode == 2 and "not found" in r.stderr
 
 
+@pytest.mark.slow
 def test_batching_chunks_does_not_change_the_result():
     # 5 chunks, one per call vs three per call (the last call ragged): same NLLs up to
     # float32 GEMM rounding, same output lines

@@ -44,6 +44,7 @@ def tiny_run(tmp_path_factory, corpus):
     return tmp, out, json.loads((out / "results.json").read_text())
 
 
+@pytest.mark.slow
 def test_outputs_and_schema(tiny_run):
     _, out, res = tiny_run
     for f in ("results.json", "tokens.parquet", "summary.md", "chunks.npy", "kld_vs_bpw.png", "kld_vs_bpw.svg",
@@ -86,7 +87,7 @@ def test_tokens_parquet_matches_results(tiny_run):
 
 
 def test_base_ppl_equals_perplexity_command(tiny_run, corpus):
-    from evalkit.cli.perplexity import perplexity
+    from evalkit.evaluation.perplexity import perplexity
     import io
     _, _, res = tiny_run
     pp = perplexity(str(TINY), str(corpus), ctx=64, chunks=3, threads=2, out=io.StringIO())
@@ -103,10 +104,11 @@ def _stable(res):
     return res
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, monkeypatch):
-    import evalkit.pipeline as pl
+    import evalkit.evaluation.forward as pl
     cfg = _cfg(tmp_path, corpus)
-    real = pl._logits
+    real = pl.model_logits
     calls = {"n": 0}
 
     def dying(model, chunk, start=0, buffer=None):
@@ -115,20 +117,20 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
             raise KeyboardInterrupt("killed")
         return real(model, chunk, start, buffer)
 
-    monkeypatch.setattr(pl, "_logits", dying)
+    monkeypatch.setattr(pl, "model_logits", dying)
     with pytest.raises(KeyboardInterrupt):
         run(cfg, progress=False)
     out = tmp_path / "results" / "tiny"
     assert not (out / "results.json").exists()
     assert sorted(p.name for p in (out / "partial").glob("chunk_*.npz")) == ["chunk_00000.npz", "chunk_00001.npz"]
-    monkeypatch.setattr(pl, "_logits", real)
+    monkeypatch.setattr(pl, "model_logits", real)
     counted = {"n": 0}
 
     def counting(model, chunk, start=0, buffer=None):
         counted["n"] += 1
         return real(model, chunk, start, buffer)
 
-    monkeypatch.setattr(pl, "_logits", counting)
+    monkeypatch.setattr(pl, "model_logits", counting)
     run(cfg, progress=False)
     assert counted["n"] == 3  # only the last chunk was evaluated again (base + 2 variants)
     resumed = json.loads((out / "results.json").read_text())
@@ -141,6 +143,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, corpus, tiny_run, mon
     assert a == b
 
 
+@pytest.mark.slow
 def test_base_logits_file_round_trip(tmp_path, corpus):
     blf = tmp_path / "base.kld"
     cfg = _cfg(tmp_path, corpus, name="writer", chunks=2, write_base_logits=str(blf), variants=[])
@@ -158,6 +161,7 @@ def test_base_logits_file_round_trip(tmp_path, corpus):
     assert abs(res["base"]["ppl"][0] / st["ppl"][0] - 1) < 1e-4
 
 
+@pytest.mark.slow
 def test_reference_base_logits_file_smollm2(tmp_path):
     """The reference's own file: SmolLM2 base, 2 chunks of 64; our forward of the same weights matches it."""
     from evalkit.sources import smollm2_path
@@ -211,9 +215,10 @@ def test_variant_with_different_vocabulary(tmp_path, corpus):
         run(_cfg(tmp_path, corpus, variants=[{"name": "other", "gguf": str(other)}]), progress=False)
 
 
+@pytest.mark.slow
 def test_nan_logits_name_chunk_and_position(tmp_path, corpus, monkeypatch):
-    import evalkit.pipeline as pl
-    real = pl._logits
+    import evalkit.evaluation.forward as pl
+    real = pl.model_logits
     calls = {"n": 0}
 
     def poisoned(model, chunk, start=0, buffer=None):
@@ -223,7 +228,7 @@ def test_nan_logits_name_chunk_and_position(tmp_path, corpus, monkeypatch):
             z[1, 40 - start, 7] = np.nan
         return z
 
-    monkeypatch.setattr(pl, "_logits", poisoned)
+    monkeypatch.setattr(pl, "model_logits", poisoned)
     with pytest.raises(RunError, match=r"variant 'IQ4_K'.*chunk 1.*position 40"):
         run(_cfg(tmp_path, corpus), progress=False)
     assert not (tmp_path / "results" / "tiny" / "results.json").exists()
@@ -242,6 +247,7 @@ def test_base_logits_header_mismatch(tmp_path, corpus):
                  variants=[{"name": "self", "gguf": str(TINY)}]), progress=False)
 
 
+@pytest.mark.slow
 def test_cli_run_then_check(tmp_path, corpus):
     """The project's own CI sweep: `evalkit run` then `evalkit check` (strict thresholds fail, sane ones pass)."""
     cfg = {"name": "ci-sweep", "base": str(TINY), "corpus": str(corpus), "ctx": 64, "chunks": 2, "threads": 2,
@@ -264,6 +270,7 @@ def test_cli_run_then_check(tmp_path, corpus):
     assert bad.returncode == 2 and "cannot read config" in bad.stderr
 
 
+@pytest.mark.slow
 def test_reference_kt_mix_file_evaluates_against_tiny_base(tmp_path, corpus):
     """A GGUF written by ik_llama.cpp with every KT type, IQ2_KL, IQ4_KSS, Q6_0, IQ4_NL runs through `evalkit run`."""
     kt = GOLDEN / "gguf" / "tiny-kt-mix-imatrix.gguf"
@@ -277,6 +284,7 @@ def test_reference_kt_mix_file_evaluates_against_tiny_base(tmp_path, corpus):
         assert st["bpw"] < res["base"]["bpw"]
 
 
+@pytest.mark.slow
 def test_chunks_per_call_do_not_change_the_statistics(tmp_path, corpus):
     # one chunk per forward call vs all three in one call: same numbers to float32 rounding
     res = {}

@@ -2,25 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from evalkit.run_config import ConfigError, load_config
-    from evalkit.pipeline import RunError, run
+    from evalkit.pipeline import run
+    from evalkit.run_config import load_config
 
-    try:
-        cfg = load_config(args.config)
-        if args.chunks is not None:
-            cfg.chunks = args.chunks
-        if args.threads is not None:
-            cfg.threads = args.threads
-        if args.output_dir is not None:
-            cfg.output_dir = args.output_dir
-        out = run(cfg, progress=not args.no_progress, restart=args.restart)
-    except (ConfigError, RunError) as e:
-        print(f"evalkit run: error: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(args.config)
+    if args.chunks is not None:
+        cfg.chunks = args.chunks
+    if args.threads is not None:
+        cfg.threads = args.threads
+    if args.output_dir is not None:
+        cfg.output_dir = args.output_dir
+    out = run(cfg, progress=not args.no_progress, restart=args.restart)
     print(f"\nresults written to {out}")
     return 0
 

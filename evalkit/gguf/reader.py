@@ -24,13 +24,14 @@ __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_DEFAULT_ALIGNMENT"]
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
 
-_SCALAR = {
+# struct format and numpy dtype of each GGUF value type (shared with the writer)
+SCALAR_FORMATS = {
     GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
     GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
     GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
     GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
 }
-_NUMPY = {
+NUMPY_DTYPES = {
     GGUFValueType.UINT8: "<u1", GGUFValueType.INT8: "<i1", GGUFValueType.UINT16: "<u2",
     GGUFValueType.INT16: "<i2", GGUFValueType.UINT32: "<u4", GGUFValueType.INT32: "<i4",
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
@@ -111,8 +112,8 @@ class _Cursor:
         if vt == GGUFValueType.ARRAY:
             itype = self.scalar("<I", f"array type of {key!r}")
             count = self.scalar("<Q", f"array length of {key!r}")
-            if itype in _NUMPY:
-                dt = np.dtype(_NUMPY[GGUFValueType(itype)])
+            if itype in NUMPY_DTYPES:
+                dt = np.dtype(NUMPY_DTYPES[GGUFValueType(itype)])
                 arr = np.frombuffer(self.take(count * dt.itemsize, f"array {key!r}"), dtype=dt)
                 return arr.tolist()
             if itype == GGUFValueType.STRING:
@@ -120,7 +121,7 @@ class _Cursor:
             if itype == GGUFValueType.ARRAY:
                 return [self.value(GGUFValueType.ARRAY, key) for _ in range(count)]
             raise GGUFError(f"{self.path}: metadata array {key!r} has unknown element type {itype}")
-        return self.scalar(_SCALAR[vt], f"value of {key!r}")
+        return self.scalar(SCALAR_FORMATS[vt], f"value of {key!r}")
 
 
 def _array_type(cur: _Cursor) -> int:

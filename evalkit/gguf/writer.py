@@ -16,7 +16,7 @@ import numpy as np
 from gguf import GGUFValueType
 
 from evalkit.formats import FORMATS_BY_ID
-from evalkit.gguf.reader import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, _NUMPY, _SCALAR
+from evalkit.gguf.reader import GGUF_DEFAULT_ALIGNMENT, GGUF_MAGIC, NUMPY_DTYPES, SCALAR_FORMATS
 
 __all__ = ["TensorSpec", "write_gguf", "atomic_output"]
 
@@ -66,11 +66,11 @@ def _pack_value(vtype: int, itype: int | None, value: Any, key: str) -> bytes:
         head = struct.pack("<IQ", int(itype), len(value))
         if itype == GGUFValueType.STRING:
             return head + b"".join(_pack_string(str(v)) for v in value)
-        if itype in _NUMPY:
-            return head + np.asarray(value, dtype=_NUMPY[GGUFValueType(itype)]).tobytes()
+        if itype in NUMPY_DTYPES:
+            return head + np.asarray(value, dtype=NUMPY_DTYPES[GGUFValueType(itype)]).tobytes()
         raise TypeError(f"metadata {key!r}: unsupported array element type {itype}")
-    if vtype in _SCALAR:
-        return struct.pack(_SCALAR[GGUFValueType(vtype)], value)
+    if vtype in SCALAR_FORMATS:
+        return struct.pack(SCALAR_FORMATS[GGUFValueType(vtype)], value)
     raise TypeError(f"metadata {key!r}: unsupported value type {vtype}")
 
 

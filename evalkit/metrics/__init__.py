@@ -1,6 +1,6 @@
 """Perplexity and KL-divergence statistics compatible with ``llama-perplexity``.
 
-See shared/spec/perplexity-kld.md: :mod:`.perplexity` (chunking, per-token NLL,
+See docs/perplexity-kld.md: :mod:`.perplexity` (chunking, per-token NLL,
 running/final PPL), :mod:`.kld` (per-token KLD quantities and the final-block
 statistics), :mod:`.logits_file` (the ``--kl-divergence-base`` file).
 """

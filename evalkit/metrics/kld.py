@@ -1,11 +1,11 @@
 """KL-divergence statistics exactly as ``llama-perplexity --kl-divergence`` computes them.
 
-spec/perplexity-kld.md section 4. The per-token step takes the quantized model's
+docs/perplexity-kld.md section 4. The per-token step takes the quantized model's
 float32 logits rows and the *decoded* base log-probabilities (what the base-logits
 file holds, see :mod:`evalkit.metrics.logits_file`) and reproduces the reference's
 float32 arithmetic; the accumulators are float64 sums fed with the float32
-products the reference forms (spec 4.2), and percentiles interpolate in float32
-(spec 4.5).
+products the reference forms (§4.2), and percentiles interpolate in float32
+(§4.5).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from evalkit.metrics.perplexity import _BLOCK_ROWS, _as_rows, check_finite_logits, row_max_lse
+from evalkit.metrics.perplexity import BLOCK_ROWS, as_rows, check_finite_logits, row_max_lse
 
 __all__ = [
     "DP_PERCENTILES",
@@ -29,7 +29,7 @@ __all__ = [
 ]
 
 _F32 = np.float32
-# The −16 threshold is on the absolute decoded base log-probability (spec 4.1).
+# The −16 threshold is on the absolute decoded base log-probability (§4.1).
 _BASE_LOGP_FLOOR = _F32(-16.0)
 
 # key -> fraction (a float constant in the reference, hence float32 here).
@@ -45,7 +45,7 @@ DP_PERCENTILES = {
 
 @dataclass
 class KLDTokens:
-    """Per-token quantities of spec 4.1 for a run of scored rows (all 1-D, same length).
+    """Per-token quantities of §4.1 for a run of scored rows (all 1-D, same length).
 
     ``nll_q``, ``nll_base``, ``p_q``, ``p_base``, ``dp`` are float32 like the
     reference; ``kld`` is the float64 per-token sum (cast to float32 only for the
@@ -83,7 +83,7 @@ def kld_token_stats(base_logprobs, logits, targets, *, chunk: int = 0,
     chunk position of row 0 (⌊C/2⌋ for a full chunk), used with ``chunk`` to name the
     position of any NaN/Inf in the ValueError raised for it.
     """
-    z, y = _as_rows(logits, targets)
+    z, y = as_rows(logits, targets)
     b = np.asarray(base_logprobs)
     if b.shape != z.shape:
         raise ValueError(f"base log-probabilities have shape {b.shape}, logits have {z.shape}")
@@ -94,27 +94,27 @@ def kld_token_stats(base_logprobs, logits, targets, *, chunk: int = 0,
     nll_b = np.empty(n, _F32)
     kld = np.empty(n, np.float64)
     same = np.empty(n, bool)
-    for a in range(0, n, _BLOCK_ROWS):
-        zb = z[a:a + _BLOCK_ROWS]
-        bb = b[a:a + _BLOCK_ROWS]
-        yb = y[a:a + _BLOCK_ROWS]
+    for a in range(0, n, BLOCK_ROWS):
+        zb = z[a:a + BLOCK_ROWS]
+        bb = b[a:a + BLOCK_ROWS]
+        yb = y[a:a + BLOCK_ROWS]
         check_finite_logits(zb, chunk=chunk, first_row=first_row + a, what="quantized-model logits")
         check_finite_logits(bb, chunk=chunk, first_row=first_row + a, what="base log-probabilities")
         rows = np.arange(zb.shape[0])
         m, imax, s = row_max_lse(zb)
         lam = np.log(s).astype(_F32)  # λ rounded to float
         m_lam = m + lam  # M + λ formed in float
-        nll_q[a:a + _BLOCK_ROWS] = m_lam - zb[rows, yb]
-        nll_b[a:a + _BLOCK_ROWS] = -bb[rows, yb]
-        # j* on the decoded values; argmax takes the lowest index among ties (spec 5.5)
-        same[a:a + _BLOCK_ROWS] = imax == bb.argmax(axis=1)
+        nll_q[a:a + BLOCK_ROWS] = m_lam - zb[rows, yb]
+        nll_b[a:a + BLOCK_ROWS] = -bb[rows, yb]
+        # j* on the decoded values; argmax takes the lowest index among ties (§5.5)
+        same[a:a + BLOCK_ROWS] = imax == bb.argmax(axis=1)
         # term_i = expf(b_i) * ((b_i - z_i) + (M + λ)), every step in float, only for b_i > -16
         t = bb - zb
         t += m_lam[:, None]
         e = np.exp(bb)
         np.copyto(e, _F32(0), where=bb <= _BASE_LOGP_FLOOR)
         t *= e
-        kld[a:a + _BLOCK_ROWS] = t.sum(axis=1, dtype=np.float64)  # the per-token sum is double
+        kld[a:a + BLOCK_ROWS] = t.sum(axis=1, dtype=np.float64)  # the per-token sum is double
     p_q = np.exp(-nll_q)
     p_b = np.exp(-nll_b)
     return KLDTokens(nll_q=nll_q, nll_base=nll_b, kld=kld, p_q=p_q, p_base=p_b,
@@ -122,7 +122,7 @@ def kld_token_stats(base_logprobs, logits, targets, *, chunk: int = 0,
 
 
 # --------------------------------------------------------------------------
-# estimators (spec 4.3) and percentiles (spec 4.5)
+# estimators (§4.3) and percentiles (§4.5)
 # --------------------------------------------------------------------------
 
 def _mean_se(s: float, s2: float, n: int) -> tuple[float, float]:
@@ -154,7 +154,7 @@ def _div(a: float, b: float) -> float:
 
 
 def percentile_f32(sorted_values: np.ndarray, fraction: float) -> float:
-    """P(φ) of spec 4.5 on an ascending float32 array, with the index computed in float32."""
+    """P(φ) of §4.5 on an ascending float32 array, with the index computed in float32."""
     v = sorted_values
     n = v.shape[0]
     if n == 0:
@@ -182,11 +182,11 @@ def median_f32(sorted_values: np.ndarray) -> float:
 
 
 # --------------------------------------------------------------------------
-# accumulator (spec 4.2, 4.4, 4.6)
+# accumulator (§4.2, 4.4, 4.6)
 # --------------------------------------------------------------------------
 
 class KLDAccumulator:
-    """Double sums of spec 4.2 plus the KLD and Δp arrays, fed chunk by chunk."""
+    """Double sums of §4.2 plus the KLD and Δp arrays, fed chunk by chunk."""
 
     _SUMS = ("sum_nll", "sum_nll2", "sum_nll_base", "sum_nll_base2", "sum_nll_nll_base",
              "sum_kld", "sum_kld2", "sum_dp", "sum_dp2", "sum_dp4")
@@ -255,7 +255,7 @@ class KLDAccumulator:
         return [rho, math.sqrt(rho * (1.0 - rho) / (n - 1)) if n > 1 else math.nan]
 
     def progress(self, compat: bool = True) -> dict:
-        """Cumulative values of the per-chunk progress row (spec 4.6), fractions not percent:
+        """Cumulative values of the per-chunk progress row (§4.6), fractions not percent:
         ``ppl``, ``mean_ln_ppl_ratio``, ``kld_mean``, ``dp_rms``, ``same_top_p`` as [value, err]."""
         if self.count == 0:
             raise ValueError("no tokens accumulated")
@@ -269,7 +269,7 @@ class KLDAccumulator:
         }
 
     def statistics(self, compat: bool = True) -> dict:
-        """All statistics of the final block (spec 4.4-4.5) as a dict.
+        """All statistics of the final block (§4.4-4.5) as a dict.
 
         Values with an uncertainty are [value, err] lists, others floats;
         probabilities and Δp are fractions (not percent); ``cor_ln_ppl`` is a

@@ -1,4 +1,4 @@
-"""The base-logits file of ``llama-perplexity --kl-divergence-base`` (spec/perplexity-kld.md §3).
+"""The base-logits file of ``llama-perplexity --kl-divergence-base`` (docs/perplexity-kld.md §3).
 
 Layout (little-endian, no padding): magic ``_logits_``, C (uint32), V (int32),
 K (int32), K·C int32 tokens (unreplaced), then K·R records, R = C-1-⌊C/2⌋, each
@@ -17,7 +17,7 @@ from typing import Iterator
 import numpy as np
 
 from evalkit.metrics.perplexity import (
-    _BLOCK_ROWS, PerplexityAccumulator, row_max_lse, token_nll)
+    BLOCK_ROWS, PerplexityAccumulator, row_max_lse, token_nll)
 
 __all__ = [
     "MAGIC",
@@ -47,7 +47,7 @@ def record_units(n_vocab: int) -> int:
 
 
 def file_size(n_ctx: int, n_vocab: int, n_chunks: int) -> int:
-    """Exact size in bytes of a file with these header values (spec 3.2)."""
+    """Exact size in bytes of a file with these header values (§3.2)."""
     r = n_ctx - 1 - n_ctx // 2
     return HEADER_BYTES + 4 * n_chunks * n_ctx + n_chunks * r * 2 * record_units(n_vocab)
 
@@ -62,7 +62,7 @@ def _record_dtype(n_vocab: int) -> np.dtype:
 # --------------------------------------------------------------------------
 
 def encode_records(logits, clamp: float = CLAMP_IK) -> np.ndarray:
-    """Encode float32 logits rows (n, V) into records, as the reference writer does (spec 3.3).
+    """Encode float32 logits rows (n, V) into records, as the reference writer does (§3.3).
 
     Returns a structured array of n records (fields ``scale``, ``min_log_prob``, ``q``;
     ``q`` has the padding slot when V is odd, always 0). ``clamp`` is D: 24 for
@@ -74,14 +74,14 @@ def encode_records(logits, clamp: float = CLAMP_IK) -> np.ndarray:
     n, v = z.shape
     out = np.zeros(n, dtype=_record_dtype(v))
     d = _F32(clamp)
-    for a in range(0, n, _BLOCK_ROWS):
-        zb = z[a:a + _BLOCK_ROWS]
+    for a in range(0, n, BLOCK_ROWS):
+        zb = z[a:a + BLOCK_ROWS]
         m_max, _, s = row_max_lse(zb)
         m_min = np.maximum(zb.min(axis=1), m_max - d)  # m = max(min z, M - D) in float
         lam = np.log(s).astype(_F32)
-        out["min_log_prob"][a:a + _BLOCK_ROWS] = (m_min - m_max) - lam
+        out["min_log_prob"][a:a + BLOCK_ROWS] = (m_min - m_max) - lam
         scale = (m_max - m_min) / _F32(65535.0)
-        out["scale"][a:a + _BLOCK_ROWS] = scale
+        out["scale"][a:a + BLOCK_ROWS] = scale
         # errstate: scale = 0 rows give inf/nan here; their codes are zeroed below.
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
             inv = _F32(1.0) / scale
@@ -93,14 +93,14 @@ def encode_records(logits, clamp: float = CLAMP_IK) -> np.ndarray:
             qi = x.astype(np.int64)
         qi[~(zb > m_min[:, None])] = 0
         qi[scale == 0] = 0  # scale = 0: all codes 0
-        out["q"][a:a + _BLOCK_ROWS, :v] = qi.astype(np.uint16)
+        out["q"][a:a + BLOCK_ROWS, :v] = qi.astype(np.uint16)
     return out
 
 
 def decode_records(records: np.ndarray, n_vocab: int) -> np.ndarray:
     """Decode records to float32 log-probabilities (n, V): b = scale·q + min_log_prob.
 
-    Multiply then add, each rounded to float32, no renormalization (spec 3.4).
+    Multiply then add, each rounded to float32, no renormalization (§3.4).
     """
     q = records["q"][:, :n_vocab].astype(_F32)
     q *= records["scale"][:, None]
@@ -154,7 +154,7 @@ class LogitsFileWriter:
         self._fh.write(self.tokens.tobytes())
 
     def write_chunk(self, logits) -> np.ndarray:
-        """Encode and append the next chunk; return its per-token NLLs (float NLL of spec 3.3.6).
+        """Encode and append the next chunk; return its per-token NLLs (float NLL of §3.3.6).
 
         ``logits``: float32, either the full chunk (C, V) or only the scored rows
         ⌊C/2⌋ … C-2 (R, V). NaN/Inf raise ValueError naming chunk and position.

@@ -1,4 +1,4 @@
-"""Perplexity exactly as ``llama-perplexity`` computes it (spec/perplexity-kld.md, sections 1-2).
+"""Perplexity exactly as ``llama-perplexity`` computes it (docs/perplexity-kld.md, sections 1-2).
 
 Everything here works on float32 logits rows and reproduces the reference's
 float/double mix step by step: per-row max and ``expf`` terms in float32, the
@@ -24,11 +24,11 @@ __all__ = [
 
 # Rows per block in the vectorised kernels: 32 rows of a 256k vocabulary are
 # 32 MiB of float32, which keeps temporaries bounded for any vocabulary size.
-_BLOCK_ROWS = 32
+BLOCK_ROWS = 32
 
 
 # --------------------------------------------------------------------------
-# chunking (spec 1.3-1.5)
+# chunking (§1.3-1.5)
 # --------------------------------------------------------------------------
 
 def _check_n_ctx(n_ctx: int) -> int:
@@ -63,8 +63,8 @@ def chunk_tokens(tokens, n_ctx: int, n_chunks: int | None = None,
 
     Returns ``(chunks, targets_pos)``: ``chunks`` is an int32 array (K, C) of the
     tokens fed to the forward pass, with position 0 of every chunk overwritten by
-    ``bos_id`` when it is not None (spec 1.4: replaced, not prepended); ``targets_pos``
-    is :func:`scored_positions` (spec 1.5). Targets are never at position 0, so
+    ``bos_id`` when it is not None (§1.4: replaced, not prepended); ``targets_pos``
+    is :func:`scored_positions` (§1.5). Targets are never at position 0, so
     ``chunks[k, targets_pos]`` are the original stream tokens.
 
     ``n_chunks`` None or negative means all ⌊T/C⌋ chunks, otherwise min(n_chunks, ⌊T/C⌋).
@@ -96,7 +96,7 @@ def chunk_tokens(tokens, n_ctx: int, n_chunks: int | None = None,
 
 
 # --------------------------------------------------------------------------
-# per-token NLL (spec 2.1)
+# per-token NLL (§2.1)
 # --------------------------------------------------------------------------
 
 def check_finite_logits(logits: np.ndarray, *, chunk: int = 0, first_row: int = 0,
@@ -113,7 +113,8 @@ def check_finite_logits(logits: np.ndarray, *, chunk: int = 0, first_row: int = 
             f"{first_row + row} (row {row} of this block, vocabulary index {col})")
 
 
-def _as_rows(logits, targets) -> tuple[np.ndarray, np.ndarray]:
+def as_rows(logits, targets) -> tuple[np.ndarray, np.ndarray]:
+    """Validate float32 logits rows (R, V) and their R target ids; returns (logits, int64 targets)."""
     z = np.asarray(logits)
     if z.ndim != 2:
         raise ValueError(f"logits must be 2-D (rows, n_vocab), got shape {z.shape}")
@@ -144,28 +145,28 @@ def token_nll(logits, targets, *, writer: bool = False, chunk: int = 0,
 
     ``writer=False``: a plain PPL run, nll = -((z_y - M) - ln S) with z_y - M in
     float and ln S in double. ``writer=True``: a run writing a base-logits file,
-    nll = (M + λ) - z_y entirely in float, λ = ln S rounded to float (spec 2.1).
+    nll = (M + λ) - z_y entirely in float, λ = ln S rounded to float (§2.1).
     NaN/Inf logits raise ValueError naming ``chunk`` and position (``first_row`` is
     the chunk position of row 0).
     """
-    z, y = _as_rows(logits, targets)
+    z, y = as_rows(logits, targets)
     n = z.shape[0]
     out = np.empty(n, dtype=np.float64)
-    for a in range(0, n, _BLOCK_ROWS):
-        zb = z[a:a + _BLOCK_ROWS]
+    for a in range(0, n, BLOCK_ROWS):
+        zb = z[a:a + BLOCK_ROWS]
         check_finite_logits(zb, chunk=chunk, first_row=first_row + a)
         m, _, s = row_max_lse(zb)
-        zy = zb[np.arange(zb.shape[0]), y[a:a + _BLOCK_ROWS]]
+        zy = zb[np.arange(zb.shape[0]), y[a:a + BLOCK_ROWS]]
         if writer:
             lam = np.log(s).astype(np.float32)
-            out[a:a + _BLOCK_ROWS] = ((m + lam) - zy).astype(np.float64)
+            out[a:a + BLOCK_ROWS] = ((m + lam) - zy).astype(np.float64)
         else:
-            out[a:a + _BLOCK_ROWS] = -((zy - m).astype(np.float64) - np.log(s))
+            out[a:a + BLOCK_ROWS] = -((zy - m).astype(np.float64) - np.log(s))
     return out
 
 
 # --------------------------------------------------------------------------
-# running and final PPL (spec 2.2-2.3)
+# running and final PPL (§2.2-2.3)
 # --------------------------------------------------------------------------
 
 class PerplexityAccumulator:

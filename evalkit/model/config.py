@@ -14,13 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from evalkit.errors import EvalkitError
+from evalkit.model.arch import ARCHITECTURES
+from evalkit.sources.hf import HF_MODEL_TYPES
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "UnsupportedModelError"]
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
-
-# HF model_type -> evalkit arch (the names match for the supported families).
-_HF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+SUPPORTED_ARCHITECTURES = tuple(ARCHITECTURES)
 
 
 class UnsupportedModelError(EvalkitError, ValueError):
@@ -130,34 +129,9 @@ class ModelConfig:
         if v_dim != head_dim:
             raise UnsupportedModelError(f"{src}: value head size {v_dim} differs from key head size {head_dim}")
         n_ff = uniform("feed_forward_length", key("feed_forward_length"))
-        n_vocab = md.get(f"{arch}.vocab_size")
-        if n_vocab is None:
-            toks = md.get("tokenizer.ggml.tokens")
-            if toks:
-                n_vocab = len(toks)
-            elif "token_embd.weight" in gguf.tensors:
-                n_vocab = gguf.tensors["token_embd.weight"].shape[-1]
-            else:
-                raise UnsupportedModelError(f"{src}: cannot determine the vocabulary size "
-                                            f"(no {arch}.vocab_size, no tokenizer, no token_embd.weight)")
+        n_vocab = _gguf_vocab_size(gguf, arch)
 
-        # As llama.cpp: the factor (new key, else the old one) gives freq_scale = 1/factor;
-        # the type defaults to "linear", and type "none" never scales.
-        scaling = str(key("rope.scaling.type", "linear") or "linear").lower()
-        factor = float(key("rope.scaling.factor", 0.0) or 0.0)
-        if factor == 0.0:
-            factor = float(key("rope.scale_linear", 0.0) or 0.0)
-        if factor == 0.0:
-            factor = 1.0
-        if scaling not in ("none", "linear") and not (scaling == "yarn" and factor == 1.0):
-            # (YaRN with factor 1 is exactly unscaled rope.)
-            raise UnsupportedModelError(f"{src}: rope scaling type {scaling!r} is not supported "
-                                        "(supported: none, linear, llama3 frequency factors)")
-        freq_scale = 1.0 if scaling == "none" else 1.0 / factor
-
-        freq_factors = None
-        if "rope_freqs.weight" in gguf.tensors:
-            freq_factors = tuple(float(v) for v in gguf.dequantize("rope_freqs.weight").reshape(-1))
+        freq_scale, freq_factors = _gguf_rope_scaling(gguf, key)
 
         has = gguf.tensors.__contains__
         return cls(
@@ -173,7 +147,7 @@ class ModelConfig:
             rope_base=float(key("rope.freq_base", 10000.0)),
             n_rot=int(key("rope.dimension_count", head_dim)),
             # llama's Q/K rows were permuted by the converter -> adjacent pairs; qwen: NEOX.
-            rope_neox=arch in ("qwen2", "qwen3"),
+            rope_neox=ARCHITECTURES[arch].rope_neox,
             rope_freq_scale=freq_scale,
             rope_freq_factors=freq_factors,
             tied_embeddings=not has("output.weight"),
@@ -195,7 +169,7 @@ class ModelConfig:
         except FileNotFoundError:
             raise FileNotFoundError(f"{model_dir}: no config.json (not a Hugging Face checkpoint directory)") from None
         mt = cfg.get("model_type")
-        arch = _HF_ARCH.get(mt)
+        arch = HF_MODEL_TYPES.get(mt)
         if arch is None:
             raise _unsupported_arch(mt, str(path))
         n_embd = int(cfg["hidden_size"])
@@ -239,32 +213,56 @@ class ModelConfig:
     # ------------------------------------------------------------------ shapes
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Expected tensors and their shapes in ggml order (ne0 = row length first)."""
-        e, q, kv = self.n_embd, self.n_head * self.head_dim, self.n_head_kv * self.head_dim
+        e = self.n_embd
         shapes: dict[str, tuple[int, ...]] = {
             "token_embd.weight": (e, self.n_vocab),
             "output_norm.weight": (e,),
         }
         if not self.tied_embeddings:
             shapes["output.weight"] = (e, self.n_vocab)
+        layer = ARCHITECTURES[self.arch].layer_shapes(self)
         for i in range(self.n_layer):
-            p = f"blk.{i}."
-            shapes.update({
-                p + "attn_norm.weight": (e,),
-                p + "attn_q.weight": (e, q),
-                p + "attn_k.weight": (e, kv),
-                p + "attn_v.weight": (e, kv),
-                p + "attn_output.weight": (q, e),
-                p + "ffn_norm.weight": (e,),
-                p + "ffn_gate.weight": (e, self.n_ff),
-                p + "ffn_up.weight": (e, self.n_ff),
-                p + "ffn_down.weight": (self.n_ff, e),
-            })
-            if self.attn_bias:
-                shapes.update({p + "attn_q.bias": (q,), p + "attn_k.bias": (kv,), p + "attn_v.bias": (kv,)})
-            if self.qk_norm:
-                shapes.update({p + "attn_q_norm.weight": (self.head_dim,),
-                               p + "attn_k_norm.weight": (self.head_dim,)})
+            shapes.update({f"blk.{i}.{name}": shape for name, shape in layer.items()})
         return shapes
+
+
+def _gguf_vocab_size(gguf, arch: str) -> int:
+    """{arch}.vocab_size, else the tokenizer's size, else token_embd's rows."""
+    md = gguf.metadata
+    n_vocab = md.get(f"{arch}.vocab_size")
+    if n_vocab is None:
+        toks = md.get("tokenizer.ggml.tokens")
+        if toks:
+            n_vocab = len(toks)
+        elif "token_embd.weight" in gguf.tensors:
+            n_vocab = gguf.tensors["token_embd.weight"].shape[-1]
+        else:
+            raise UnsupportedModelError(f"{gguf.path}: cannot determine the vocabulary size "
+                                        f"(no {arch}.vocab_size, no tokenizer, no token_embd.weight)")
+    return int(n_vocab)
+
+
+def _gguf_rope_scaling(gguf, key) -> tuple[float, tuple[float, ...] | None]:
+    """(freq_scale, llama3 frequency factors or None) from a GGUF's rope keys and rope_freqs tensor."""
+    src = gguf.path
+    # As llama.cpp: the factor (new key, else the old one) gives freq_scale = 1/factor;
+    # the type defaults to "linear", and type "none" never scales.
+    scaling = str(key("rope.scaling.type", "linear") or "linear").lower()
+    factor = float(key("rope.scaling.factor", 0.0) or 0.0)
+    if factor == 0.0:
+        factor = float(key("rope.scale_linear", 0.0) or 0.0)
+    if factor == 0.0:
+        factor = 1.0
+    if scaling not in ("none", "linear") and not (scaling == "yarn" and factor == 1.0):
+        # (YaRN with factor 1 is exactly unscaled rope.)
+        raise UnsupportedModelError(f"{src}: rope scaling type {scaling!r} is not supported "
+                                    "(supported: none, linear, llama3 frequency factors)")
+    freq_scale = 1.0 if scaling == "none" else 1.0 / factor
+
+    freq_factors = None
+    if "rope_freqs.weight" in gguf.tensors:
+        freq_factors = tuple(float(v) for v in gguf.dequantize("rope_freqs.weight").reshape(-1))
+    return freq_scale, freq_factors
 
 
 def _llama3_freq_factors(base: float, n_rot: int, rs: dict) -> list[float]:

@@ -12,18 +12,15 @@ F = n_ff, V = n_vocab.
 """
 from __future__ import annotations
 
-import json
-import struct
-from pathlib import Path
-
 import numpy as np
 import torch
 from torch import nn
 
+from evalkit.model.arch import get_architecture
 from evalkit.model.attention import CausalAttention
 from evalkit.model.config import ModelConfig
 import evalkit.model.norm_act  # noqa: F401  (registers evalkit::rms_norm, evalkit::swiglu)
-from evalkit.model.qlinear import QEmbedding, QLinear, packed_tensor
+from evalkit.model.qlinear import QEmbedding, QLinear
 from evalkit.errors import EvalkitError
 
 __all__ = ["Model", "Block", "RMSNorm", "Rope", "CausalAttention", "Workspace", "ModelTensorError"]
@@ -181,18 +178,18 @@ class Workspace:
 class Model(nn.Module):
     """token_embd -> n_layer x Block -> output_norm -> output, all float32.
 
-    Build with :meth:`from_gguf` or :meth:`from_hf`; call ``model(tokens)``.
+    Build with :meth:`from_gguf`, :meth:`from_hf` or :meth:`from_source`; call ``model(tokens)``.
     """
 
-    def __init__(self, cfg: ModelConfig, tensors: dict, source=None, threads: int | None = None):
+    def __init__(self, cfg: ModelConfig, tensors: dict, source=None):
         super().__init__()
         self.config = cfg
-        self.source = source          # keeps the GGUF memory map alive while weights point into it
-        self.threads = threads
+        self.source = source          # keeps the memory maps alive while weights point into them
         self.token_embd = tensors["token_embd"]
         self.rope = Rope(cfg)
+        block = get_architecture(cfg.arch).block_class()           # Block for the llama family
         self.blk = nn.ModuleList(
-            Block(cfg, {k[len(f"blk.{i}."):]: v for k, v in tensors.items() if k.startswith(f"blk.{i}.")})
+            block(cfg, {k[len(f"blk.{i}."):]: v for k, v in tensors.items() if k.startswith(f"blk.{i}.")})
             for i in range(cfg.n_layer))
         self.output_norm = RMSNorm(tensors["output_norm.weight"], cfg.rms_eps)
         self.output = tensors["output"]
@@ -207,8 +204,6 @@ class Model(nn.Module):
         contiguous float32 tensor of the result's shape to write the logits into (reusing
         it across calls saves a quarter of the output projection's time: fresh pages).
         """
-        if self.threads is not None and torch.get_num_threads() != self.threads:
-            torch.set_num_threads(self.threads)
         tokens = torch.as_tensor(tokens)
         single = tokens.dim() == 1
         if single:
@@ -233,73 +228,55 @@ class Model(nn.Module):
 
     # ----------------------------------------------------------------- loading
     @classmethod
-    def from_gguf(cls, path_or_gguf, threads: int | None = None) -> "Model":
+    def from_gguf(cls, path_or_gguf) -> "Model":
         """Build from a GGUF file (path or open :class:`~evalkit.gguf.GGUFFile`), weights zero-copy.
 
-        ``threads`` (optional) sets torch's and the dequantizers' thread count for forward().
+        The thread count is the caller's (torch's team, set once at the entry point).
         """
-        from evalkit.gguf import GGUFFile
-        g = path_or_gguf if isinstance(path_or_gguf, GGUFFile) else GGUFFile(path_or_gguf)
-        cfg = ModelConfig.from_gguf(g)
-        _check_shapes(cfg, {n: tuple(t.shape) for n, t in g.tensors.items()}, g.path)
-
-        tensors = {}
-        for name in cfg.tensor_shapes():
-            info = g.tensors[name]
-            try:
-                if name.endswith("norm.weight") or name.endswith(".bias"):
-                    tensors[name] = torch.from_numpy(g.dequantize(name).reshape(-1).copy())
-                elif name == "token_embd.weight":
-                    # get_rows: the reference's to_float dequantizer
-                    tensors["token_embd"] = QEmbedding(g.tensor_bytes(name), info.type_name, info.n_per_row)
-                else:
-                    tensors[name[:-len(".weight")]] = QLinear(g.tensor_bytes(name), info.type_name,
-                                                              info.n_per_row)
-            except NotImplementedError as e:
-                raise NotImplementedError(f"{g.path}: tensor {name!r} ({info.type_name}): {e}") from None
-        _attach_biases(tensors)
-        if cfg.tied_embeddings:
-            # The reference multiplies by token_embd in its matmul: use the matmul dequantizer.
-            t = g.tensors["token_embd.weight"]
-            tensors["output"] = QLinear(g.tensor_bytes("token_embd.weight"), t.type_name, t.n_per_row)
-        if threads is not None:
-            torch.set_num_threads(int(threads))
-        return cls(cfg, tensors, source=g, threads=threads)
+        from evalkit.sources import GGUFSource
+        source = GGUFSource(path_or_gguf)
+        return cls.from_source(source, ModelConfig.from_gguf(source.file))
 
     @classmethod
-    def from_hf(cls, model_dir, threads: int | None = None) -> "Model":
+    def from_hf(cls, model_dir) -> "Model":
         """Build from a Hugging Face checkpoint directory (config.json + *.safetensors).
 
         F32/F16/BF16 tensors are used in their stored precision (memory-mapped, widened to
         float32 tile by tile). HF Q/K rows are not permuted, so rope uses NEOX pairing.
         """
-        cfg = ModelConfig.from_hf(model_dir)
-        raw = _read_safetensors(Path(model_dir))                        # HF name -> (dtype, shape, bytes)
-        mapped: dict[str, tuple[str, tuple[int, ...], np.ndarray]] = {}
-        for hf_name, rec in raw.items():
-            name = _hf_to_gguf_name(hf_name)
-            if name is not None:
-                mapped[name] = rec
-        if cfg.tied_embeddings:
-            mapped.pop("output.weight", None)
-        _check_shapes(cfg, {n: tuple(reversed(r[1])) for n, r in mapped.items()}, str(model_dir))
+        from evalkit.sources import HFSource
+        cfg = ModelConfig.from_hf(model_dir)            # first: its errors name the architecture
+        return cls.from_source(HFSource(model_dir, permute_qk=False), cfg)
 
+    @classmethod
+    def from_source(cls, source, cfg: ModelConfig) -> "Model":
+        """Build from an open :class:`~evalkit.sources.TensorSource` whose tensors ``cfg`` describes.
+
+        Matrices stay in the source's stored bytes (zero-copy); norms and biases are widened
+        to float32. ``cfg.rope_neox`` must match the source's Q/K row order. The model keeps
+        the source open (its weights point into it).
+        """
+        infos = {t.name: t for t in source.tensors}
+        _check_shapes(cfg, {n: tuple(t.shape) for n, t in infos.items()}, source.path)
         tensors = {}
         for name in cfg.tensor_shapes():
-            dtype, shape, buf = mapped[name]
-            if name.endswith("norm.weight") or name.endswith(".bias"):
-                tensors[name] = _hf_float_vector(dtype, buf)
-            elif name == "token_embd.weight":
-                tensors["token_embd"] = QEmbedding(buf.reshape(shape[0], -1), dtype, shape[-1])
-            else:
-                tensors[name[:-len(".weight")]] = QLinear(buf.reshape(shape[0], -1), dtype, shape[-1])
+            info = infos[name]
+            try:
+                if name.endswith("norm.weight") or name.endswith(".bias"):
+                    tensors[name] = torch.from_numpy(np.array(source.rows_f32(name), dtype=np.float32).reshape(-1))
+                elif name == "token_embd.weight":
+                    # get_rows: the reference's to_float dequantizer
+                    tensors["token_embd"] = QEmbedding(source.raw(name), info.type_name, info.n_per_row)
+                else:
+                    tensors[name[:-len(".weight")]] = QLinear(source.raw(name), info.type_name, info.n_per_row)
+            except NotImplementedError as e:
+                raise NotImplementedError(f"{source.path}: tensor {name!r} ({info.type_name}): {e}") from None
         _attach_biases(tensors)
         if cfg.tied_embeddings:
-            tensors["output"] = QLinear(tensors["token_embd"].weight, tensors["token_embd"].type_name,
-                                        cfg.n_embd)
-        if threads is not None:
-            torch.set_num_threads(int(threads))
-        return cls(cfg, tensors, source=raw, threads=threads)
+            # The reference multiplies by token_embd in its matmul: use the matmul dequantizer.
+            t = infos["token_embd.weight"]
+            tensors["output"] = QLinear(source.raw("token_embd.weight"), t.type_name, t.n_per_row)
+        return cls(cfg, tensors, source=source)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -322,66 +299,3 @@ def _attach_biases(tensors: dict) -> None:
         lin = tensors.get(name[:-len(".bias")])
         if isinstance(lin, QLinear):
             lin.bias = tensors.pop(name)
-
-
-_HF_LAYER = {
-    "input_layernorm.weight": "attn_norm.weight",
-    "self_attn.q_proj.weight": "attn_q.weight", "self_attn.q_proj.bias": "attn_q.bias",
-    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.k_proj.bias": "attn_k.bias",
-    "self_attn.v_proj.weight": "attn_v.weight", "self_attn.v_proj.bias": "attn_v.bias",
-    "self_attn.o_proj.weight": "attn_output.weight",
-    "self_attn.q_norm.weight": "attn_q_norm.weight", "self_attn.k_norm.weight": "attn_k_norm.weight",
-    "post_attention_layernorm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-}
-_HF_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-           "lm_head.weight": "output.weight"}
-
-
-def _hf_to_gguf_name(name: str) -> str | None:
-    """GGUF name of an HF llama/qwen tensor, or None for tensors the forward does not use."""
-    if name in _HF_TOP:
-        return _HF_TOP[name]
-    parts = name.split(".", 3)
-    if len(parts) == 4 and parts[0] == "model" and parts[1] == "layers" and parts[2].isdigit():
-        sub = _HF_LAYER.get(parts[3])
-        return None if sub is None else f"blk.{parts[2]}.{sub}"
-    return None
-
-
-_ST_DTYPES = {"F32": ("F32", 4), "F16": ("F16", 2), "BF16": ("BF16", 2)}
-
-
-def _read_safetensors(model_dir: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
-    """Memory-map every *.safetensors file: HF name -> (ggml type name, torch shape, uint8 bytes)."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{model_dir}: no *.safetensors files")
-    out = {}
-    for f in files:
-        with open(f, "rb") as fh:
-            (hlen,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(hlen))
-        mm = np.memmap(f, dtype=np.uint8, mode="r")
-        base = 8 + hlen
-        for name, meta in header.items():
-            if name == "__metadata__":
-                continue
-            if _hf_to_gguf_name(name) is None:
-                continue
-            dt = _ST_DTYPES.get(meta["dtype"])
-            if dt is None:
-                raise ModelTensorError(f"{f}: tensor {name!r} has dtype {meta['dtype']}; "
-                                       "supported: F32, F16, BF16")
-            a, b = meta["data_offsets"]
-            shape = tuple(int(s) for s in meta["shape"])
-            out[name] = (dt[0], shape, mm[base + a:base + b])
-    return out
-
-
-def _hf_float_vector(type_name: str, buf: np.ndarray) -> torch.Tensor:
-    t = packed_tensor(np.ascontiguousarray(buf))
-    if type_name == "F32":
-        return t.view(torch.float32).clone()
-    return t.view(torch.float16 if type_name == "F16" else torch.bfloat16).float()

@@ -1,6 +1,6 @@
 """Tokenizer that reproduces llama.cpp / ik_llama.cpp token ids from GGUF metadata.
 
-What `llama-perplexity` does (spec/perplexity-kld.md sections 1.1-1.2): the corpus is
+What `llama-perplexity` does (docs/perplexity-kld.md sections 1.1-1.2): the corpus is
 tokenized once with "add special" on and "parse special" off. That means BOS is
 prepended when the vocabulary asks for it, EOS is never appended, and text that looks
 like a control token (``<|endoftext|>``) is tokenized as ordinary text. Only
@@ -27,6 +27,8 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from evalkit.errors import EvalkitError
 
 __all__ = ["Tokenizer", "read_corpus", "SUPPORTED_PRE_TOKENIZERS"]
 
@@ -150,6 +152,11 @@ def _as_str(x: Any) -> str:
     return str(x)
 
 
+
+class TokenizerError(EvalkitError, ValueError):
+    """The vocabulary cannot be used (unsupported model, missing or inconsistent metadata)."""
+
+
 def read_corpus(path: str | Path) -> str:
     """Read a corpus the way llama-perplexity does. It reads the raw bytes, drops
     exactly one trailing LF (a CR before it stays), and decodes the rest as UTF-8."""
@@ -167,6 +174,27 @@ def read_corpus(path: str | Path) -> str:
     except UnicodeDecodeError as e:
         raise ValueError(
             f"corpus file {p} is not valid UTF-8: byte offset {e.start}: {e.reason}") from None
+
+
+
+def _gguf_vocabulary(meta: Mapping[str, Any]) -> tuple[list[str], list[int]]:
+    """Token texts (empty ones renamed as llama.cpp does) and token types, validated."""
+    if "tokenizer.ggml.tokens" not in meta:
+        raise TokenizerError("GGUF metadata has no 'tokenizer.ggml.tokens' key")
+    tokens = [_as_str(t) for t in meta["tokenizer.ggml.tokens"]]
+    n = len(tokens)
+    # llama.cpp renames empty tokens so that every text is unique.
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    if len(set(tokens)) != n:
+        seen: set[str] = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))
+        raise TokenizerError(f"GGUF vocabulary has duplicate token text {dup!r}")
+    types_raw = meta.get("tokenizer.ggml.token_type")
+    types = [int(t) for t in types_raw] if types_raw is not None else [TOKEN_TYPE_NORMAL] * n
+    if len(types) != n:
+        raise TokenizerError(f"tokenizer.ggml.token_type has {len(types)} entries, expected {n}")
+    types = [t if 0 <= t <= 6 else TOKEN_TYPE_UNDEFINED for t in types]
+    return tokens, types
 
 
 class Tokenizer:
@@ -254,37 +282,24 @@ class Tokenizer:
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> "Tokenizer":
         """Build from GGUF key/values (``tokenizer.ggml.*``, plus ``general.name``).
 
-        Raises ValueError when the tokenizer model or pre-tokenizer is unsupported."""
+        Raises TokenizerError (a ValueError) when the tokenizer model or pre-tokenizer is unsupported."""
         model = meta.get("tokenizer.ggml.model")
         if model is None:
-            raise ValueError("GGUF metadata has no 'tokenizer.ggml.model' key")
+            raise TokenizerError("GGUF metadata has no 'tokenizer.ggml.model' key")
         model = _as_str(model)
         if model not in ("gpt2", "llama"):
-            raise ValueError(
+            raise TokenizerError(
                 f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
                 "supported: 'gpt2' (byte-level BPE) and 'llama' (SPM)")
-        if "tokenizer.ggml.tokens" not in meta:
-            raise ValueError("GGUF metadata has no 'tokenizer.ggml.tokens' key")
-        tokens = [_as_str(t) for t in meta["tokenizer.ggml.tokens"]]
+        tokens, types = _gguf_vocabulary(meta)
         n = len(tokens)
-        # llama.cpp renames empty tokens so that every text is unique.
-        tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
-        if len(set(tokens)) != n:
-            seen: set[str] = set()
-            dup = next(t for t in tokens if t in seen or seen.add(t))
-            raise ValueError(f"GGUF vocabulary has duplicate token text {dup!r}")
-        types_raw = meta.get("tokenizer.ggml.token_type")
-        types = [int(t) for t in types_raw] if types_raw is not None else [TOKEN_TYPE_NORMAL] * n
-        if len(types) != n:
-            raise ValueError(f"tokenizer.ggml.token_type has {len(types)} entries, expected {n}")
-        types = [t if 0 <= t <= 6 else TOKEN_TYPE_UNDEFINED for t in types]
 
         pre = meta.get("tokenizer.ggml.pre")
         pre = _as_str(pre) if pre is not None else ""
         if model == "gpt2":
             pre_name = pre or "default"  # llama.cpp warns and uses 'default'
             if pre_name not in _PRE_TOKENIZERS:
-                raise ValueError(
+                raise TokenizerError(
                     f"unsupported pre-tokenizer {pre_name!r} (tokenizer.ggml.pre) for BPE vocabulary; "
                     f"supported: {', '.join(SUPPORTED_PRE_TOKENIZERS)}")
             bos_default: int | None = None if pre_name in _BPE_NO_BOS else 11
@@ -317,7 +332,7 @@ class Tokenizer:
         if model == "gpt2":
             merges_raw = meta.get("tokenizer.ggml.merges")
             if merges_raw is None:
-                raise ValueError("BPE vocabulary without 'tokenizer.ggml.merges'")
+                raise TokenizerError("BPE vocabulary without 'tokenizer.ggml.merges'")
             regexes, ignore_merges = _PRE_TOKENIZERS[pre_name]
             hf = _build_hf_bpe(tokens, [_as_str(m) for m in merges_raw], regexes, ignore_merges)
             return cls(kind="bpe", tokens=tokens, token_types=types, bos_id=bos_id, eos_id=eos_id,
@@ -326,7 +341,7 @@ class Tokenizer:
         scores_raw = meta.get("tokenizer.ggml.scores")
         scores = [float(s) for s in scores_raw] if scores_raw is not None else [0.0] * n
         if len(scores) != n:
-            raise ValueError(f"tokenizer.ggml.scores has {len(scores)} entries, expected {n}")
+            raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries, expected {n}")
         # Scores are float32 in GGUF. Round them so that ties compare the way they do in C.
         scores = np.asarray(scores, dtype=np.float32).astype(np.float64).tolist()
         return cls(kind="spm", tokens=tokens, token_types=types, bos_id=bos_id, eos_id=eos_id,
@@ -346,7 +361,7 @@ class Tokenizer:
         d = Path(path)
         tj = d / "tokenizer.json"
         if not tj.is_file():
-            raise FileNotFoundError(f"no tokenizer.json in {d}")
+            raise TokenizerError(f"no tokenizer.json in {d}")
         hf = HFTokenizer.from_file(str(tj))
         # parse_special=false: added *special* tokens in the text become plain text.
         hf.encode_special_tokens = True
@@ -400,7 +415,7 @@ class Tokenizer:
         out: list[int] = []
         if self._add_bos:
             if self._bos_id is None:
-                raise ValueError("vocabulary asks for BOS but has no BOS token")
+                raise TokenizerError("vocabulary asks for BOS but has no BOS token")
             out.append(self._bos_id)
         if self._kind == "hf":
             if text:
@@ -434,7 +449,7 @@ class Tokenizer:
         first_text = True
         for i in ids:
             if not 0 <= i < len(pieces):
-                raise ValueError(f"token id {i} out of range [0, {len(pieces)})")
+                raise TokenizerError(f"token id {i} out of range [0, {len(pieces)})")
             t = self._types[i]
             if t in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN):
                 if special:
@@ -557,7 +572,7 @@ class Tokenizer:
         if tid is None:
             tid = self._token_to_id.get(chr(b)) if b < 0x80 else None
         if tid is None:
-            raise ValueError(f"SPM vocabulary has no byte token for 0x{b:02X} (no byte fallback)")
+            raise TokenizerError(f"SPM vocabulary has no byte token for 0x{b:02X} (no byte fallback)")
         return tid
 
     def _pieces(self) -> list[bytes]:

@@ -1,0 +1,71 @@
+"""Corpus → token stream → the chunks llama-perplexity evaluates, with the model's tokenizer."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from evalkit.errors import RunError
+from evalkit.evaluation.window import ScoredWindow
+
+__all__ = ["ChunkedCorpus", "ChunkingError", "chunk_corpus", "tokenizer_for"]
+
+
+class ChunkingError(RunError):
+    """The corpus cannot be cut into chunks (too short, bad context size...)."""
+
+
+def tokenizer_for(path: Path):
+    """The tokenizer of a GGUF file (its metadata) or a HuggingFace folder (tokenizer.json)."""
+    from evalkit.gguf import GGUFFile
+    from evalkit.model.tokenizer import Tokenizer
+    if Path(path).is_dir():
+        return Tokenizer.from_hf_dir(path)
+    with GGUFFile(path) as f:
+        return Tokenizer.from_gguf_metadata(f.metadata)
+
+
+@dataclass
+class ChunkedCorpus:
+    """The evaluated tokens: the whole stream, and its first ``n_chunks`` chunks as fed."""
+
+    description: str
+    sha256: str
+    stream: np.ndarray          # every token of the corpus
+    chunks: np.ndarray          # (K, C) int32 as fed to the models (BOS at position 0 if used)
+    window: ScoredWindow
+
+    @property
+    def n_chunks(self) -> int:
+        """K, the number of chunks evaluated."""
+        return int(self.chunks.shape[0])
+
+    @property
+    def n_ctx(self) -> int:
+        """C, tokens per chunk."""
+        return self.window.n_ctx
+
+    @property
+    def stream_chunks(self) -> np.ndarray:
+        """(K, C) the stream's tokens, position 0 not replaced by BOS (the targets come from here)."""
+        return self.stream[: self.n_chunks * self.n_ctx].reshape(self.n_chunks, self.n_ctx)
+
+    def targets(self, k: int) -> np.ndarray:
+        """The scored target tokens of chunk ``k``."""
+        return self.window.targets(self.stream_chunks[k])
+
+
+def chunk_corpus(tokenizer, stream: np.ndarray, sha256: str, description: str, n_ctx: int,
+                 n_chunks: int | None) -> ChunkedCorpus:
+    """Cut the token ``stream`` as llama-perplexity does (BOS replaces each chunk's first token
+    when ``tokenizer``'s vocabulary adds one); ``n_chunks`` None means every whole chunk."""
+    from evalkit.metrics import chunk_tokens
+
+    bos = tokenizer.bos_id if tokenizer.add_bos else None
+    try:
+        window = ScoredWindow(n_ctx)
+        chunks, _ = chunk_tokens(stream, n_ctx, n_chunks, bos)
+    except ValueError as e:
+        raise ChunkingError(f"corpus {description}: {e}") from None
+    return ChunkedCorpus(description, sha256, stream, chunks, window)

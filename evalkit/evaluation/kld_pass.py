@@ -1,0 +1,71 @@
+"""One pass of ``evalkit run`` over the chunks still to do: the base, then every variant against it.
+
+Per group of chunks the base's log-probabilities come from its forward callable (or from
+a llama-perplexity base-logits file) and every variant's logits are scored against them;
+each finished chunk is saved to the :class:`~evalkit.evaluation.store.ChunkStore`.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from evalkit.evaluation.corpus_chunks import ChunkedCorpus
+from evalkit.evaluation.forward import ForwardFn
+from evalkit.evaluation.loop import evaluate
+from evalkit.evaluation.reference import BaseChunk, base_from_file, base_from_logits, score_variant
+from evalkit.evaluation.store import ChunkStore
+
+__all__ = ["BASE_KEY", "run_kld_pass"]
+
+BASE_KEY = "base"
+
+
+def _variant_key(i: int) -> str:
+    return f"v{i}"          # the prefix of variant i's arrays in a chunk file
+
+
+def _base_chunks(cc: ChunkedCorpus, group: list[int], arrays: dict, rows, seconds: float,
+                 base_file, store: ChunkStore | None) -> list[BaseChunk]:
+    """The base of each chunk of ``group``: from logits ``rows`` (B, R, V), or from the file."""
+    from evalkit.metrics.logits_file import encode_records
+
+    bases = []
+    for j, k in enumerate(group):
+        a = arrays[k]
+        if base_file is not None:
+            b = base_from_file(base_file, a["targets"], k)
+            a["base_seconds"] = np.float64(0.0)
+        else:
+            if store is not None:           # a base-logits file is wanted: keep the records
+                store.save_records(k, encode_records(rows[j]))
+            a["base_seconds"] = np.float64(seconds)
+            b = base_from_logits(rows[j], a["targets"], k, cc.window.first_row)
+        a["base_nll"] = b.nll
+        bases.append(b)
+    return bases
+
+
+def run_kld_pass(cc: ChunkedCorpus, store: ChunkStore, todo: Sequence[int], per_call: int,
+                 base: ForwardFn | None, variants: Sequence[tuple[str, ForwardFn]], base_file=None,
+                 want_records: bool = False, progress: bool = False, desc: str = "chunks") -> None:
+    """Evaluate chunks ``todo``: ``base`` (None: read ``base_file``) and each ``(name, forward)``."""
+    names = {_variant_key(i): name for i, (name, _) in enumerate(variants)}
+    forwards = ([(BASE_KEY, base)] if base is not None else []) + [
+        (_variant_key(i), fn) for i, (_, fn) in enumerate(variants)]
+    records = store if want_records else None
+    for group, outputs in evaluate(forwards, cc.chunks, todo, per_call, progress, desc):
+        arrays = {k: {"targets": cc.targets(k).astype(np.int32)} for k in group}
+        bases = _base_chunks(cc, group, arrays, None, 0.0, base_file, None) if base is None else None
+        for key, rows, seconds in outputs:
+            if key == BASE_KEY:
+                bases = _base_chunks(cc, group, arrays, rows, seconds, None, records)
+                continue
+            for j, k in enumerate(group):
+                st = score_variant(names[key], bases[j], rows[j], arrays[k]["targets"], k,
+                                   cc.window.first_row)
+                arrays[k][f"{key}_seconds"] = np.float64(seconds)
+                for f_name, arr in st.__dict__.items():
+                    arrays[k][f"{key}_{f_name}"] = arr
+        for k in group:
+            store.save(k, arrays[k])

@@ -1,0 +1,80 @@
+"""Finished chunks on disk: ``<out>/partial/``, one atomically written file per chunk.
+
+A run's fingerprint (corpus, base, variants, context, chunk count, evalkit version) is
+kept in ``state.json``; partial results from another configuration are discarded, so a
+killed run resumes from its last finished chunk and gives identical results.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from evalkit.files import atomic_write_text
+
+__all__ = ["ChunkStore", "PARTIAL_FORMAT", "fingerprint"]
+
+PARTIAL_FORMAT = 1
+
+
+def fingerprint(data: dict) -> str:
+    """sha256 of a JSON-able dict (keys sorted)."""
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
+
+
+class ChunkStore:
+    """Per-chunk result files (``chunk_NNNNN.npz``) and base-logits records of one run."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder, self.fingerprint = Path(folder), fingerprint
+
+    def open(self, config: dict, restart: bool = False) -> "ChunkStore":
+        """Keep the folder's chunks if they belong to this fingerprint, else start it afresh."""
+        state = self.folder / "state.json"
+        if self.folder.exists() and (restart or not self._same_run(state)):
+            shutil.rmtree(self.folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(state, json.dumps({"fingerprint": self.fingerprint, "config": config}))
+        return self
+
+    def _same_run(self, state: Path) -> bool:
+        try:
+            return json.loads(state.read_text()).get("fingerprint") == self.fingerprint
+        except (OSError, ValueError):
+            return False
+
+    def chunk_path(self, k: int) -> Path:
+        """The result file of chunk ``k``."""
+        return self.folder / f"chunk_{k:05d}.npz"
+
+    def records_path(self, k: int) -> Path:
+        """The encoded base-logits records of chunk ``k``."""
+        return self.folder / f"records_{k:05d}.npy"
+
+    def todo(self, n_chunks: int, with_records: bool = False) -> list[int]:
+        """Chunks still to evaluate (those without a result file, or without records when wanted)."""
+        return [k for k in range(n_chunks) if not self.chunk_path(k).is_file()
+                or (with_records and not self.records_path(k).is_file())]
+
+    def save(self, k: int, arrays: dict[str, np.ndarray]) -> None:
+        """Write chunk ``k``'s arrays atomically."""
+        path = self.chunk_path(k)
+        tmp = path.with_name(f".{path.name}.tmp.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+
+    def load(self, k: int):
+        """Chunk ``k``'s arrays (an NpzFile: use as a context manager)."""
+        return np.load(self.chunk_path(k))
+
+    def save_records(self, k: int, records: np.ndarray) -> None:
+        """Keep chunk ``k``'s encoded base-logits records."""
+        np.save(self.records_path(k), records)
+
+    def load_records(self, k: int) -> np.ndarray:
+        """Chunk ``k``'s encoded base-logits records."""
+        return np.load(self.records_path(k))

@@ -1,0 +1,59 @@
+"""File facts and atomic writes shared by the commands: content hashes, model sizes, JSON."""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["atomic_write_text", "json_default", "model_size", "sha256_file"]
+
+_SHA_CACHE: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file(path: str | Path) -> str:
+    """sha256 of a file (cached per path, size and mtime); of every file for a folder."""
+    p = Path(path)
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.iterdir()):
+            if f.is_file():
+                h.update(f.name.encode() + sha256_file(f).encode())
+        return h.hexdigest()
+    st = p.stat()
+    key = (str(p.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
+def model_size(path: str | Path) -> tuple[int, float]:
+    """(bytes of all tensors, bits per weight over all tensors) of a GGUF file."""
+    from evalkit.gguf import GGUFFile
+    with GGUFFile(path) as f:
+        nbytes = sum(t.nbytes for t in f.tensors.values())
+        nel = sum(t.n_elements for t in f.tensors.values())
+    return nbytes, 8.0 * nbytes / nel
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def json_default(o):
+    """``json.dumps`` fallback for numpy scalars and arrays."""
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
