@@ -42,13 +42,19 @@ def _first_nonfinite(a: np.ndarray) -> tuple[int, ...]:
     return tuple(int(v) for v in bad[0])
 
 
+def _expect_matrix(a, dtype, fn: str, shape_desc: str) -> None:
+    """TypeError unless ``a`` is a numpy array of ``dtype``; ValueError unless it is 2-D."""
+    name = np.dtype(dtype).name
+    if not isinstance(a, np.ndarray):
+        raise TypeError(f"{fn}: expected a numpy {name} array, got {type(a).__name__}")
+    if a.dtype != dtype:
+        raise TypeError(f"{fn}: expected dtype {name}, got {a.dtype}")
+    if a.ndim != 2:
+        raise ValueError(f"{fn}: expected {shape_desc}, got shape {a.shape}")
+
+
 def _check_weights(x: np.ndarray, fmt: QuantFormat) -> np.ndarray:
-    if not isinstance(x, np.ndarray):
-        raise TypeError(f"quantize: expected a numpy float32 array, got {type(x).__name__}")
-    if x.dtype != np.float32:
-        raise TypeError(f"quantize: expected dtype float32, got {x.dtype}")
-    if x.ndim != 2:
-        raise ValueError(f"quantize: expected a 2-D array (rows, n_per_row), got shape {x.shape}")
+    _expect_matrix(x, np.float32, "quantize", "a 2-D array (rows, n_per_row)")
     rows, n = x.shape
     if n == 0 or n % fmt.block_size:
         raise ValueError(f"quantize: row length {n} is not a multiple of {fmt.name}'s block size "
@@ -117,12 +123,7 @@ def dequantize(q: np.ndarray, type_name: str, n_per_row: int, threads: int | Non
     if n <= 0 or n % fmt.block_size:
         raise ValueError(f"dequantize: row length {n} is not a multiple of {fmt.name}'s block size "
                          f"{fmt.block_size}")
-    if not isinstance(q, np.ndarray):
-        raise TypeError(f"dequantize: expected a numpy uint8 array, got {type(q).__name__}")
-    if q.dtype != np.uint8:
-        raise TypeError(f"dequantize: expected dtype uint8, got {q.dtype}")
-    if q.ndim != 2:
-        raise ValueError(f"dequantize: expected a 2-D byte array (rows, row_bytes), got shape {q.shape}")
+    _expect_matrix(q, np.uint8, "dequantize", "a 2-D byte array (rows, row_bytes)")
     rb = fmt.row_bytes(n)
     if q.shape[1] != rb:
         raise ValueError(f"dequantize: rows are {q.shape[1]} bytes wide but a {fmt.name} row of {n} "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from evalkit.errors import RunError
 from evalkit.evaluation.corpus_chunks import ChunkedCorpus, chunk_corpus, tokenizer_for
+from evalkit.evaluation.forward import ForwardFactory
 from evalkit.evaluation.models import ModelEntry, base_entry, prepare_variant, vocab_of
 from evalkit.evaluation.store import PARTIAL_FORMAT, ChunkStore, fingerprint
 from evalkit.run_config import RunConfig
@@ -70,25 +71,29 @@ def _run_fingerprint(plan: RunPlan, base: ModelEntry, variants: list[ModelEntry]
 
 
 def _evaluate_pending(cfg: RunConfig, plan: RunPlan, base: ModelEntry, variants: list[ModelEntry],
-                      store: ChunkStore, todo: list[int], progress: bool) -> None:
-    """Load the models and run the KLD pass over the chunks not yet in ``store``."""
-    from evalkit.evaluation.forward import ModelForward, load_model
+                      store: ChunkStore, todo: list[int], progress: bool, make_forward) -> None:
+    """Build the forward callables and run the KLD pass over the chunks not yet in ``store``."""
     from evalkit.evaluation.kld_pass import run_kld_pass
     from evalkit.evaluation.loop import chunks_per_call
     from evalkit.model import Workspace
 
     window = plan.corpus.window
-    base_fn = None if plan.base_file is not None else ModelForward(load_model(base.path), window, Workspace())
+    base_fn = None if plan.base_file is not None else make_forward(base.path, window, Workspace())
     shared = Workspace()        # the variants take turns in one logits buffer
-    fns = [(v.name, ModelForward(load_model(v.path), window, shared)) for v in variants]
+    fns = [(v.name, make_forward(v.path, window, shared)) for v in variants]
     run_kld_pass(plan.corpus, store, todo, chunks_per_call(cfg.batch, window.n_ctx), base_fn, fns,
                  plan.base_file, bool(cfg.write_base_logits), progress, f"{cfg.name}: chunks")
 
 
-def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
-    """Evaluate every variant of ``cfg`` against its base; returns the results folder."""
+def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
+        make_forward: ForwardFactory | None = None) -> Path:
+    """Evaluate every variant of ``cfg`` against its base; returns the results folder.
+
+    ``make_forward(path, window, buffer)`` turns each model file into a forward callable
+    (default: evalkit's exact float32 model, :func:`~evalkit.evaluation.forward.exact_forward`).
+    """
     from evalkit.evaluation.aggregate import aggregate
-    from evalkit.evaluation.forward import configure_threads
+    from evalkit.evaluation.forward import configure_threads, exact_forward
     from evalkit.evaluation.outputs import (results_dict, write_base_logits_file, write_outputs,
                                             write_results_json)
 
@@ -103,7 +108,7 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False) -> Path:
     store = ChunkStore(out / "partial", _run_fingerprint(plan, base, variants)).open(cfg.to_dict(), restart)
     todo = store.todo(cc.n_chunks, with_records=bool(cfg.write_base_logits))
     if todo:
-        _evaluate_pending(cfg, plan, base, variants, store, todo, progress)
+        _evaluate_pending(cfg, plan, base, variants, store, todo, progress, make_forward or exact_forward)
     totals = aggregate(store, cc.n_chunks, [v.name for v in variants], cc.n_ctx, cc.window.targets_pos)
     results = results_dict(cfg.to_dict(), cc, base, variants, totals,
                            plan.base_file.path if plan.base_file is not None else None, time.time() - t0)

@@ -3,6 +3,7 @@ perplexity through a non-model forward callable, and named errors → exit 2 in 
 from __future__ import annotations
 
 import io
+import json
 import math
 
 import numpy as np
@@ -157,3 +158,31 @@ def test_perplexity_with_a_non_utf8_corpus_exits_2(tmp_path, capsys):
     rc = cli_main(["perplexity", str(TINY), "--corpus", str(corpus), "--ctx", "64"])
     err = capsys.readouterr().err
     assert rc == 2 and "not valid UTF-8" in err and "latin1.txt" in err
+
+
+def test_run_takes_any_forward_factory(tmp_path):
+    """A forward callable of one's own plugs into `evalkit run` through make_forward: here the
+    variant is the base itself with every logit shifted by 3, which softmax cannot see."""
+    from evalkit.evaluation.forward import exact_forward
+    from evalkit.pipeline import run
+    from evalkit.run_config import config_from_dict
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_bytes((SHARED / "data" / "wikitext-2-raw-test.txt").read_bytes()[:6000])
+    built = []
+
+    def shifted(path, window, buffer):
+        fn = exact_forward(path, window, buffer)
+        built.append(path.name)
+        if len(built) == 1:
+            return fn                              # the base
+        return lambda tokens: fn(tokens) + np.float32(3.0)
+
+    cfg = config_from_dict({"name": "s", "base": str(TINY), "corpus": str(corpus), "ctx": 64, "chunks": 2,
+                            "output_dir": str(tmp_path / "out"),
+                            "variants": [{"name": "shifted", "gguf": str(TINY)}]}, "test", str(tmp_path))
+    res = json.loads((run(cfg, progress=False, make_forward=shifted) / "results.json").read_text())
+    v = res["variants"]["shifted"]
+    assert built == ["tiny-base.gguf", "tiny-base.gguf"]
+    assert 0 <= v["kld_mean"][0] < 1e-6 and v["same_top_p"][0] == 1.0
+    assert math.isclose(v["ppl"][0], res["base"]["ppl"][0], rel_tol=1e-5)

@@ -14,12 +14,16 @@ import numpy as np
 from evalkit.errors import EvalkitError, RunError
 from evalkit.evaluation.window import ScoredWindow
 
-__all__ = ["ForwardFn", "ModelForward", "ModelLoadError", "configure_threads", "load_model", "model_logits"]
+__all__ = ["ForwardFactory", "ForwardFn", "ModelForward", "ModelLoadError", "configure_threads", "exact_forward",
+           "load_model", "model_logits"]
 
 ForwardFn = Callable[[np.ndarray], np.ndarray]
 """(B, C) integer chunk tokens → float32 logits of the scored rows, (B, n_rows, V).
 
 The result may live in a buffer the callable reuses: use it before calling again."""
+
+ForwardFactory = Callable[[Path, ScoredWindow, object], ForwardFn]
+"""(model path, scored window, reusable logits buffer or None) → a forward callable."""
 
 
 class ModelLoadError(RunError):
@@ -71,6 +75,11 @@ class ModelForward:
         """(B, C) tokens → (B, n_rows, V) logits of the scored rows (in the reused buffer)."""
         z = model_logits(self.model, chunks, self.window.first_row, self.buffer)
         return self.window.scored_rows(z)
+
+
+def exact_forward(path: Path, window: ScoredWindow, buffer=None) -> ModelForward:
+    """The default forward factory of ``evalkit run``: evalkit's exact float32 model of ``path``."""
+    return ModelForward(load_model(path), window, buffer)
 
 
 def configure_threads(threads: int | None) -> int:

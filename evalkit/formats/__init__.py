@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evalkit.registry import lookup
+
 __all__ = ["QuantFormat", "FORMATS", "FORMATS_BY_ID", "get_format", "known_names"]
 
 
@@ -140,17 +142,4 @@ def known_names() -> list[str]:
 
 def get_format(name_or_id: str | int) -> QuantFormat:
     """Look a type up by name (case-insensitive) or ggml type id; ValueError lists the known ones."""
-    if isinstance(name_or_id, bool):
-        raise TypeError(f"type must be a name or a ggml type id, got {name_or_id!r}")
-    if isinstance(name_or_id, int):
-        fmt = FORMATS_BY_ID.get(name_or_id)
-        if fmt is None:
-            raise ValueError(f"unknown ggml type id {name_or_id}; known ids: "
-                             + ", ".join(f"{f.name}={f.type_id}" for f in FORMATS.values()))
-        return fmt
-    if not isinstance(name_or_id, str):
-        raise TypeError(f"type must be a name or a ggml type id, got {type(name_or_id).__name__}")
-    fmt = FORMATS.get(name_or_id.strip().upper())
-    if fmt is None:
-        raise ValueError(f"unknown quantization type {name_or_id!r}; known types: {', '.join(FORMATS)}")
-    return fmt
+    return lookup(name_or_id, FORMATS, FORMATS_BY_ID, "quantization type", "ggml type id")

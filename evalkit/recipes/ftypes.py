@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evalkit.registry import lookup
+
 __all__ = ["FType", "FTYPES", "FTYPES_BY_ID", "get_ftype", "known_ftypes", "MIX_RULES_IMPLEMENTED"]
 
 
@@ -97,21 +99,4 @@ def get_ftype(name_or_id: str | int | FType) -> FType:
     """Look an ftype up by name (case-insensitive, reference aliases accepted) or llama_ftype id."""
     if isinstance(name_or_id, FType):
         return name_or_id
-    if isinstance(name_or_id, bool):
-        raise TypeError(f"ftype must be a name or an id, got {name_or_id!r}")
-    if isinstance(name_or_id, int):
-        f = FTYPES_BY_ID.get(name_or_id)
-        if f is None:
-            raise ValueError(f"unknown ftype id {name_or_id}; known: "
-                             + ", ".join(f"{f.name}={f.id}" for f in FTYPES.values()))
-        return f
-    if not isinstance(name_or_id, str):
-        raise TypeError(f"ftype must be a name or an id, got {type(name_or_id).__name__}")
-    key = name_or_id.strip().upper()
-    key = _ALIASES.get(key, key)
-    f = FTYPES.get(key)
-    if f is None and key.isdigit():
-        f = FTYPES_BY_ID.get(int(key))
-    if f is None:
-        raise ValueError(f"unknown ftype {name_or_id!r}; known ftypes: {', '.join(known_ftypes())}")
-    return f
+    return lookup(name_or_id, FTYPES, FTYPES_BY_ID, "ftype", "ftype id", _ALIASES)

@@ -1,10 +1,10 @@
 """Per-tensor target types: ik_llama.cpp's ``llama_tensor_get_type`` and friends, as pure functions.
 
-Transcribed from ``src/llama-quantize.cpp`` (commit 8337e4cd3; spec/iqk-formats.md section 15
+Transcribed from ``src/llama-quantize.cpp`` (commit 8337e4cd3; docs/iqk-formats.md §15
 is authoritative for IQ2_K..IQ6_K). The KS/KL/KT/IQ3_KL branches follow the reference
-versions whose fallback table matches section 15 (row widths not divisible by 256 fall back
+versions whose fallback table matches §15 (row widths not divisible by 256 fall back
 to IQ4_NL / Q5_0 / Q6_0 / Q8_0; later versions send IQ2_*/IQ3_* to IQ3_KT / IQ4_KT
-instead) and whose imatrix check refuses IQ1_KT / IQ2_KT (spec 14.3):
+instead) and whose imatrix check refuses IQ1_KT / IQ2_KT (docs/iqk-formats.md §14.3):
 
 * :func:`should_quantize` — which tensors are quantized at all (main loop of
   ``llama_model_quantize_internal``);
