@@ -37,8 +37,10 @@ def load_corpus_text(spec: CorpusSpec, resolve=lambda p: p) -> tuple[str, str, s
 
     path = corpus_path(spec, resolve)
     if path is not None:
-        if not path.is_file():
+        if not path.exists():
             raise CorpusError(f"corpus file {path} not found")
+        if not path.is_file():      # a folder, a FIFO (reading it would block), a device
+            raise CorpusError(f"corpus {path} is not a regular file")
         try:
             raw = path.read_bytes()
             return read_corpus(path), hashlib.sha256(raw).hexdigest(), str(path)

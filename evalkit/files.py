@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import secrets
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "json_default", "model_size", "sha256_file"]
+__all__ = ["atomic_write_text", "is_leftover_temp", "json_default", "model_size", "sha256_file", "temp_path"]
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -41,11 +42,25 @@ def model_size(path: str | Path) -> tuple[int, float]:
     return nbytes, 8.0 * nbytes / nel
 
 
+def temp_path(path: Path) -> Path:
+    """A fresh temporary name beside ``path`` (``.<name>.<pid>.<random>.tmp``): unique, so two
+    writers never share one, and recognisable as a leftover by :func:`is_leftover_temp`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def is_leftover_temp(path: Path) -> bool:
+    """True for the temporaries evalkit's atomic writes make (a killed writer leaves them)."""
+    return path.name.startswith(".") and (path.name.endswith(".tmp") or ".tmp." in path.name)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file and a rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = temp_path(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def json_default(o):

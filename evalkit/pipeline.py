@@ -52,6 +52,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
             base_file.check(n_ctx=cfg.ctx, tokens=stream, n_vocab=None)
         except ValueError as e:
             raise RunError(f"corpus {corpus_desc}: {e}") from None
+        except OSError as e:
+            raise RunError(f"base_logits {cfg.resolve(cfg.base_logits)}: {e.strerror or e}") from None
         n_chunks = base_file.n_chunks
         if base_path.is_file() and base_file.n_vocab != vocab_of(base_path)[0]:
             raise RunError(f"{base_file.path}: records are {base_file.n_vocab} wide but the model's "
@@ -91,16 +93,25 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
 
     ``make_forward(path, window, buffer)`` turns each model file into a forward callable
     (default: evalkit's exact float32 model, :func:`~evalkit.evaluation.forward.exact_forward`).
+    The run folder is locked for the whole run (a second run into it fails at once).
     """
-    from evalkit.evaluation.aggregate import aggregate
     from evalkit.evaluation.forward import configure_threads, exact_forward
-    from evalkit.evaluation.outputs import (results_dict, write_base_logits_file, write_outputs,
-                                            write_results_json)
+    from evalkit.evaluation.run_folder import RunFolder
 
     t0 = time.time()
     configure_threads(cfg.threads)
-    out = Path(cfg.output_dir) / cfg.name
-    out.mkdir(parents=True, exist_ok=True)
+    with RunFolder(Path(cfg.output_dir) / cfg.name) as folder:
+        _run_locked(cfg, folder, progress, restart, make_forward or exact_forward, t0)
+    return folder.path
+
+
+def _run_locked(cfg: RunConfig, folder, progress: bool, restart: bool, make_forward, t0: float) -> None:
+    """The run's stages inside its locked folder: plan, pass, aggregate, publish the outputs."""
+    from evalkit.evaluation.aggregate import aggregate
+    from evalkit.evaluation.outputs import (results_dict, write_base_logits_file, write_outputs,
+                                            write_results_json)
+
+    out = folder.path
     plan = plan_run(cfg)
     cc = plan.corpus
     base = base_entry(plan.base_path)
@@ -108,12 +119,14 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
     store = ChunkStore(out / "partial", _run_fingerprint(plan, base, variants)).open(cfg.to_dict(), restart)
     todo = store.todo(cc.n_chunks, with_records=bool(cfg.write_base_logits))
     if todo:
-        _evaluate_pending(cfg, plan, base, variants, store, todo, progress, make_forward or exact_forward)
+        _evaluate_pending(cfg, plan, base, variants, store, todo, progress, make_forward)
+    store.verify()
     totals = aggregate(store, cc.n_chunks, [v.name for v in variants], cc.n_ctx, cc.window.targets_pos)
     results = results_dict(cfg.to_dict(), cc, base, variants, totals,
                            plan.base_file.path if plan.base_file is not None else None, time.time() - t0)
-    write_outputs(out, results, totals, cc)
+    staged = folder.staging()
+    write_outputs(staged, results, totals, cc)
     if cfg.write_base_logits:
         write_base_logits_file(Path(cfg.write_base_logits), store, cc, vocab_of(base.path)[0])
-    write_results_json(out, results)
-    return out
+    write_results_json(staged, results)
+    folder.publish(staged)

@@ -6,6 +6,7 @@ when the file is loaded, so a typo never surfaces half-way through a long run.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -15,7 +16,7 @@ from evalkit.errors import EvalkitError
 from evalkit.recipes.ftypes import get_ftype
 from evalkit.recipes.options import CLASS_OPTIONS, TypeOptions, normalize_type
 
-__all__ = ["ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict",
+__all__ = ["plain_name", "ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict",
            "VARIANT_KEYS"]
 
 # A variant's YAML keys: a recipe's --pure, overrides and per-class types (the keys are
@@ -111,6 +112,20 @@ class RunConfig:
         return d
 
 
+# Names become file and folder names (<output_dir>/<name>/, models/<variant>.gguf): plain
+# ones only, so that no name can reach outside the run folder or hide as a dot-file.
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_+-][A-Za-z0-9._+-]{0,127}")
+
+
+def plain_name(name: str, where: str) -> str:
+    """``name`` if it is plain (letters, digits, ``._-+``, no leading dot, ≤ 128 characters),
+    else ConfigError naming ``where``."""
+    if not _PLAIN_NAME.fullmatch(name):
+        raise ConfigError(f"{where}: {name!r} is not a plain name: use letters, digits and '._-+' "
+                          "(no '/', no '..', no leading dot, at most 128 characters)")
+    return name
+
+
 def _fields(cls) -> list[str]:
     return [f.name for f in dataclasses.fields(cls) if f.name != "config_dir"]
 
@@ -162,7 +177,7 @@ def _variant(value, i: int, where: str) -> VariantSpec:
         v["name"] = v.get("ftype") or (Path(v["gguf"]).stem if v.get("gguf") else None)
     if not v.get("name"):
         raise ConfigError(f"{w}: needs a 'name' (or an 'ftype' / 'gguf' to derive it from)")
-    name = str(v["name"])
+    name = plain_name(str(v["name"]), f"{w} 'name'")
     overrides = _overrides(v.get("overrides"), w)
     class_keys = tuple(o.attr for o in CLASS_OPTIONS)
     for k in ("gguf", "ftype", "imatrix") + class_keys:
@@ -191,6 +206,7 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
     d = dict(data)
     if "name" not in d or not isinstance(d["name"], str) or not d["name"].strip():
         raise ConfigError(f"{source}: 'name' (the run's name) is required")
+    plain_name(d["name"], f"{source}: 'name'")
     if "corpus" in d:
         d["corpus"] = _corpus(d["corpus"], source)
     for k in ("ctx", "chunks", "threads", "batch"):
@@ -201,8 +217,9 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
         raise ConfigError(f"{source}: 'ctx' must be at least 8, got {d['ctx']}")
     if d.get("batch", 1) < 1:
         raise ConfigError(f"{source}: 'batch' must be positive, got {d['batch']}")
-    if d.get("chunks") is not None and d["chunks"] < 1:
-        raise ConfigError(f"{source}: 'chunks' must be positive, got {d['chunks']}")
+    for k in ("chunks", "threads"):
+        if d.get(k) is not None and d[k] < 1:
+            raise ConfigError(f"{source}: {k!r} must be positive, got {d[k]}")
     raw_variants = d.get("variants") or []
     if not isinstance(raw_variants, list):
         raise ConfigError(f"{source}: 'variants' must be a list")
@@ -214,15 +231,24 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
     return RunConfig(config_dir=config_dir, **d)
 
 
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line: what PyYAML found wrong, and where."""
+    mark = getattr(e, "problem_mark", None)
+    what = " ".join(str(getattr(e, "problem", None) or e).split())
+    return f"{what} (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else what
+
+
 def load_config(path: str | Path) -> RunConfig:
     """Load and validate a run configuration file."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: cannot read config: not UTF-8 text (byte offset {e.start})") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: malformed YAML: {e}") from None
+        raise ConfigError(f"{path}: malformed YAML: {_yaml_problem(e)}") from None
     return config_from_dict(data, str(path), str(path.parent))

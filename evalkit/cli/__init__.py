@@ -14,7 +14,7 @@ import sys
 
 from evalkit.errors import EvalkitError
 
-__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main"]
+__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main", "positive_int"]
 
 SUBCOMMAND_MODULES = [
     "evalkit.cli.quantize",
@@ -22,6 +22,18 @@ SUBCOMMAND_MODULES = [
     "evalkit.cli.run",
     "evalkit.cli.smoke",
 ]
+
+
+def positive_int(text: str) -> int:
+    """argparse type for counts (chunks, threads, ctx, batch): an integer ≥ 1, so that a
+    typo like ``--chunks -1`` is refused instead of silently meaning "all"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:

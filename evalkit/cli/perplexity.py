@@ -4,15 +4,12 @@ from __future__ import annotations
 import argparse
 import json
 
-from evalkit.errors import InputError
 
 
 def _cmd(args: argparse.Namespace) -> int:
     from evalkit.evaluation.perplexity import perplexity
     from evalkit.gguf.writer import atomic_output
 
-    if args.batch < 1:
-        raise InputError(f"--batch must be positive, got {args.batch}")
     res = perplexity(args.model, args.corpus, args.ctx, args.chunks, args.threads, batch=args.batch)
     if args.json:
         with atomic_output(args.json, "w") as fh:
@@ -22,13 +19,15 @@ def _cmd(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the `perplexity` subcommand."""
+    from evalkit.cli import positive_int
+
     p = sub.add_parser("perplexity", help="perplexity of a model over a corpus (llama-perplexity's definition)")
     p.add_argument("model", help="GGUF file, HuggingFace checkpoint folder, or 'smollm2' (embedded)")
     p.add_argument("--corpus", required=True, help="text file, or 'wikitext-2-raw-test' (bundled)")
-    p.add_argument("--ctx", type=int, default=512)
-    p.add_argument("--chunks", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--batch", type=int, default=2048,
+    p.add_argument("--ctx", type=positive_int, default=512)
+    p.add_argument("--chunks", type=positive_int, default=None, help="first N chunks (default: all)")
+    p.add_argument("--threads", type=positive_int, default=None)
+    p.add_argument("--batch", type=positive_int, default=2048,
                    help="tokens per forward call, as llama-perplexity's -b (default 2048: 4 chunks of 512)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.set_defaults(func=_cmd)

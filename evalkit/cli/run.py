@@ -27,10 +27,12 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 def register(sub) -> None:
     """Add the `run` and `check` subcommands."""
+    from evalkit.cli import positive_int
+
     p = sub.add_parser("run", help="evaluate variants of a model against its base (YAML config)")
     p.add_argument("config", help="run configuration (YAML)")
-    p.add_argument("--chunks", type=int, default=None, help="override the config's chunk limit")
-    p.add_argument("--threads", type=int, default=None, help="override the config's thread count")
+    p.add_argument("--chunks", type=positive_int, default=None, help="override the config's chunk limit")
+    p.add_argument("--threads", type=positive_int, default=None, help="override the config's thread count")
     p.add_argument("--output-dir", default=None, help="override the config's output_dir")
     p.add_argument("--restart", action="store_true", help="ignore partial results of an earlier run")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

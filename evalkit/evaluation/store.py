@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from evalkit.files import atomic_write_text
+from evalkit.errors import RunError
+from evalkit.files import atomic_write_text, temp_path
 
 __all__ = ["ChunkStore", "PARTIAL_FORMAT", "fingerprint"]
 
@@ -41,6 +42,12 @@ class ChunkStore:
         atomic_write_text(state, json.dumps({"fingerprint": self.fingerprint, "config": config}))
         return self
 
+    def verify(self) -> None:
+        """RunError unless the folder still holds this run's chunks (checked before aggregating)."""
+        if not self._same_run(self.folder / "state.json"):
+            raise RunError(f"{self.folder}: the partial results now belong to another configuration "
+                           "(was the run folder changed by another process?); run again")
+
     def _same_run(self, state: Path) -> bool:
         try:
             return json.loads(state.read_text()).get("fingerprint") == self.fingerprint
@@ -63,17 +70,28 @@ class ChunkStore:
     def save(self, k: int, arrays: dict[str, np.ndarray]) -> None:
         """Write chunk ``k``'s arrays atomically."""
         path = self.chunk_path(k)
-        tmp = path.with_name(f".{path.name}.tmp.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as fh:          # a file object: savez adds no ".npz" to it
+                np.savez(fh, **arrays)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load(self, k: int):
         """Chunk ``k``'s arrays (an NpzFile: use as a context manager)."""
         return np.load(self.chunk_path(k))
 
     def save_records(self, k: int, records: np.ndarray) -> None:
-        """Keep chunk ``k``'s encoded base-logits records."""
-        np.save(self.records_path(k), records)
+        """Keep chunk ``k``'s encoded base-logits records (atomically, like the chunk files)."""
+        path = self.records_path(k)
+        tmp = temp_path(path)
+        try:
+            with open(tmp, "wb") as fh:
+                np.save(fh, records)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def load_records(self, k: int) -> np.ndarray:
         """Chunk ``k``'s encoded base-logits records."""

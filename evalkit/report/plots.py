@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from evalkit.files import temp_path  # noqa: E402
+
 __all__ = ["plot_kld_vs_bpw", "plot_kld_cdf", "plot_dp_hist", "save_all_plots", "pareto_front"]
 
 
@@ -87,8 +89,8 @@ def save_all_plots(results: dict, tokens: pd.DataFrame, out_dir: str | Path) -> 
                       ("dp_hist", plot_dp_hist(tokens))):
         for ext in ("png", "svg"):
             p = out_dir / f"{stem}.{ext}"
-            tmp = out_dir / f".{stem}.tmp.{ext}"
-            fig.savefig(tmp, dpi=120)
+            tmp = temp_path(p)
+            fig.savefig(tmp, dpi=120, format=ext)
             tmp.replace(p)
             written.append(p)
         plt.close(fig)
