@@ -1,6 +1,6 @@
 """`evalkit` command line: one module per subcommand, named errors caught once here.
 
-Every subcommand module has ``register(subparsers)``, which adds its parser and sets
+Every module of this package is a subcommand: it has ``register(subparsers)``, which adds its parser and sets
 ``func``. Heavy imports (torch, the kernel library) stay inside the command functions, so
 `evalkit --help` starts fast and works before the kernels are built. Any
 :class:`~evalkit.errors.EvalkitError` (or an OS error such as an unwritable output path)
@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import pkgutil
 import sys
 
 from evalkit.errors import EvalkitError
 
-__all__ = ["SUBCOMMAND_MODULES", "build_parser", "main", "positive_int"]
+__all__ = ["build_parser", "main", "positive_int", "subcommand_modules"]
 
-SUBCOMMAND_MODULES = [
-    "evalkit.cli.quantize",
-    "evalkit.cli.perplexity",
-    "evalkit.cli.run",
-    "evalkit.cli.smoke",
-]
+def subcommand_modules() -> list[str]:
+    """Every module of this package: each one is a subcommand (adding one is adding a module)."""
+    return [f"{__name__}.{m.name}" for m in pkgutil.iter_modules(__path__) if not m.name.startswith("_")]
 
 
 def positive_int(text: str) -> int:
@@ -40,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every subcommand."""
     p = argparse.ArgumentParser(prog="evalkit", description="Exact quality evaluation of quantized LLMs.")
     sub = p.add_subparsers(dest="command", required=True)
-    for mod_name in SUBCOMMAND_MODULES:
+    for mod_name in subcommand_modules():
         importlib.import_module(mod_name).register(sub)
     return p
 
