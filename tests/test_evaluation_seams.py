@@ -186,3 +186,27 @@ def test_run_takes_any_forward_factory(tmp_path):
     assert built == ["tiny-base.gguf", "tiny-base.gguf"]
     assert 0 <= v["kld_mean"][0] < 1e-6 and v["same_top_p"][0] == 1.0
     assert math.isclose(v["ppl"][0], res["base"]["ppl"][0], rel_tol=1e-5)
+
+
+def test_progress_advances_within_a_batched_group(monkeypatch):
+    """With 4 chunks per call and 2 callables, the bar moves by 2 chunks after each callable."""
+    import tqdm.auto
+    seen = []
+
+    class Bar:
+        def __init__(self, *a, **k):
+            self.n = 0.0
+
+        def update(self, k):
+            self.n += k
+            seen.append(self.n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    fns = [("a", lambda t: t.astype(np.float32)), ("b", lambda t: t.astype(np.float32))]
+    for _, outputs in evaluate(fns, np.zeros((6, 4)), range(6), 4, progress=True):
+        for _ in outputs:
+            pass
+    assert seen == [2.0, 4.0, 5.0, 6.0]

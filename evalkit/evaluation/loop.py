@@ -32,12 +32,17 @@ def batched(items: Sequence, n: int) -> list[list]:
     return [items[i:i + n] for i in range(0, len(items), n)]
 
 
-def _outputs(forwards: Sequence[tuple[str, ForwardFn]], tokens: np.ndarray
+def _outputs(forwards: Sequence[tuple[str, ForwardFn]], tokens: np.ndarray, bar
              ) -> Iterator[tuple[str, np.ndarray, float]]:
+    # Each callable's share of the group advances the bar, so it moves per chunk's worth of
+    # work even when several chunks go through the models in one call.
+    step = tokens.shape[0] / max(1, len(forwards))
     for name, fn in forwards:
         t0 = time.perf_counter()
         z = fn(tokens)
-        yield name, z, (time.perf_counter() - t0) / tokens.shape[0]
+        seconds = (time.perf_counter() - t0) / tokens.shape[0]
+        yield name, z, seconds
+        bar.update(step)
 
 
 def evaluate(forwards: Sequence[tuple[str, ForwardFn]], chunks: np.ndarray, todo: Sequence[int],
@@ -51,10 +56,10 @@ def evaluate(forwards: Sequence[tuple[str, ForwardFn]], chunks: np.ndarray, todo
     """
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=len(todo), desc=desc, unit="chunk", disable=not progress)
+    bar = tqdm(total=len(todo), desc=desc, unit="chunk", disable=not progress,
+               bar_format="{l_bar}{bar}| {n:.1f}/{total} [{elapsed}<{remaining}, {rate_fmt}]")
     try:
         for group in batched(todo, per_call):
-            yield group, _outputs(forwards, chunks[np.asarray(group)])
-            bar.update(len(group))
+            yield group, _outputs(forwards, chunks[np.asarray(group)], bar)
     finally:
         bar.close()
