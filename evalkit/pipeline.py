@@ -51,7 +51,7 @@ def plan_run(cfg: RunConfig) -> RunPlan:
             base_file = LogitsFile(Path(cfg.resolve(cfg.base_logits)))
             base_file.check(n_ctx=cfg.ctx, tokens=stream, n_vocab=None)
         except ValueError as e:
-            raise RunError(f"corpus {corpus_desc}: {e}") from None
+            raise RunError(f"base_logits: {e}") from None
         except OSError as e:
             raise RunError(f"base_logits {cfg.resolve(cfg.base_logits)}: {e.strerror or e}") from None
         n_chunks = base_file.n_chunks

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from evalkit.check import check_results, main as check_main
+from evalkit.check import CheckError, check_results, main as check_main
 from evalkit.run_config import ConfigError, config_from_dict, load_config
 
 
@@ -107,3 +107,59 @@ def test_check_exit_codes(tmp_path, capsys):
     assert "unknown metric 'kld_meen'" in capsys.readouterr().err
     assert check_main(str(tmp_path / "none.json"), str(good)) == 2
     assert check_main(str(_write(tmp_path, "x.json", "{")), str(good)) == 2
+
+
+RESULTS_KLD = {"variants": {"IQ4_K": {"kld_mean": [0.05, 0.001], "kld_min": 0.001, "kld_max": 3.5,
+                                      "same_top_p": [0.9, float("nan")]}}}
+
+
+@pytest.mark.parametrize("bounds, rows", [
+    ({"kld_min": {"min": 0.0}}, [("kld_min", ">=", True)]),
+    ({"kld_min": {"min": 0.01}}, [("kld_min", ">=", False)]),
+    ({"kld_min": {"max": 0.01}}, [("kld_min", "<=", True)]),
+    ({"kld_min": {"min": 0.0, "max": 0.0005}}, [("kld_min", ">=", True), ("kld_min", "<=", False)]),
+    ({"kld_min_min": 0.0}, [("kld_min", ">=", True)]),           # the old lower-bound shorthand
+    ({"kld_max": 5.0, "kld_max_min": 4.0}, [("kld_max", "<=", True), ("kld_max", ">=", False)]),
+    ({"kld_mean": {"max": 0.1}, "same_top_p": {"min": 0.8}}, [("kld_mean", "<=", True), ("same_top_p", ">=", True)]),
+    ({"kld_mean": "1e-1"}, [("kld_mean", "<=", True)]),           # YAML 1.1 reads 1e-1 as a string
+    ({"same_top_p": 0.1}, [("same_top_p", "<=", False)]),         # a nan err is valid: only the value is compared
+])
+def test_check_bound_syntax(bounds, rows):
+    got = check_results(RESULTS_KLD, {"variants": {"IQ4_K": bounds}})
+    assert [(r.metric, r.bound, r.ok) for r in got] == rows
+
+
+@pytest.mark.parametrize("bounds, message", [
+    ({"kld_min": 0.5}, r"thresholds: 'IQ4_K': 'kld_min: 0\.5' is ambiguous "
+                       r".* kld_min: \{max: \.\.\.\} or kld_min: \{min: \.\.\.\}"),
+    ({"kld_mean": True}, r"'IQ4_K': kld_mean: bound must be a number, got True"),
+    ({"kld_mean": float("nan")}, r"'IQ4_K': kld_mean: bound must be finite"),
+    ({"kld_min": {"min": 1, "max": 0}}, r"kld_min: min 1 > max 0"),
+    ({"kld_min": {"above": 1}}, r"kld_min: a bound mapping has the keys 'min' and/or 'max'; unknown: above"),
+])
+def test_check_bad_bounds(bounds, message):
+    with pytest.raises(CheckError, match=message):
+        check_results(RESULTS_KLD, {"variants": {"IQ4_K": bounds}})
+
+
+def test_check_bad_results_values():
+    bad = json.loads(json.dumps(RESULTS_KLD))
+    bad["variants"]["IQ4_K"]["kld_mean"] = [float("nan"), 0.0]
+    with pytest.raises(CheckError, match=r"results: variant 'IQ4_K': kld_mean: is nan, not a finite number"):
+        check_results(bad, {"variants": {"IQ4_K": {"kld_mean": 0.1}}})
+    bad["variants"]["IQ4_K"]["kld_max"] = [3.5, 0.1]  # a scalar metric given as a pair
+    with pytest.raises(CheckError, match=r"variant 'IQ4_K': kld_max: expected a number"):
+        check_results(bad, {"variants": {"IQ4_K": {"kld_min": {"min": 0}}}})
+    with pytest.raises(CheckError, match=r"unknown metric 'kdl_p99'"):  # even where nothing matches
+        check_results(RESULTS_KLD, {"variants": {"IQ4_K": {"kld_mean": 0.1}, "Q9*": {"kdl_p99": 1}}})
+
+
+def test_check_main_bad_input_is_one_line(tmp_path, capsys):
+    res = _write(tmp_path, "results.json", '{"variants": {"IQ4_K": {"kld_mean": [NaN, 0.1]}}}')
+    thr = _write(tmp_path, "t.yaml", "variants: {IQ4_K: {kld_mean: 0.1}}\n")
+    assert check_main(str(res), str(thr)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{res}: variant 'IQ4_K': kld_mean: is nan" in err
+    assert check_main(str(res), str(_write(tmp_path, "m.yaml", "variants: [\n"))) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "m.yaml: malformed YAML at line 2, column 1" in err

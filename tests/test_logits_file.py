@@ -283,3 +283,88 @@ def test_header_corpus_mismatch(shared_dir):
         check_logits_file(KLD_FILE, n_ctx=64, tokens=corpus[:100])
     with pytest.raises(ValueError, match=r"n_vocab=49152.*vocabulary is 32000"):
         check_logits_file(KLD_FILE, n_vocab=32000)
+
+
+# --------------------------------------------------------------------------
+# records no writer can produce, non-regular files (LogitsFileError)
+# --------------------------------------------------------------------------
+
+
+def _tiny_file(tmp_path, recs, name="tiny.kld"):
+    """C = 6 (R = 2), V = 3, K = 1, as in test_decode_hand_computed."""
+    raw = b"_logits_" + struct.pack("<iii", 6, 3, 1) + struct.pack("<6i", 0, 2, 1, 0, 1, 2)
+    for scale, mlp, q in recs:
+        raw += struct.pack("<ff", scale, mlp) + struct.pack("<4H", *q, 0)
+    p = tmp_path / name
+    p.write_bytes(raw)
+    return p
+
+
+def test_error_class_is_named_and_a_value_error():
+    from evalkit.errors import EvalkitError
+    from evalkit.metrics import LogitsFileError
+    assert issubclass(LogitsFileError, EvalkitError) and issubclass(LogitsFileError, ValueError)
+
+
+@pytest.mark.parametrize("record, message", [
+    ((float("nan"), -1.0, [0, 1, 2]), r"chunk 0, row 1 \(logits row 4 of the chunk\): scale nan is not"),
+    ((-0.25, -1.0, [0, 1, 2]), r"chunk 0, row 1 .*: scale -0\.25 is not a finite number ≥ 0"),
+    ((0.25, 0.5, [0, 1, 2]), r"chunk 0, row 1 .*: min_log_prob 0\.5 is not a finite number ≤ 0"),
+    ((0.25, float("-inf"), [0, 1, 2]), r"chunk 0, row 1 .*: min_log_prob -inf is not"),
+    # log-probabilities above 0: the file behind a KLD of 1e27 that exited 0
+    ((0.01, -0.001, [0, 6000, 65535]), r"chunk 0, row 1 .*: decodes to log-probability 655\.349 > 0 at token 2"),
+    ((0.25, -10.0, [0, 0, 1]),
+     r"chunk 0, row 1 .*: its largest log-probability -9\.75 is below −ln\(n_vocab\) = -1\.09861"),
+])
+def test_impossible_records_are_refused(tmp_path, record, message):
+    from evalkit.metrics import LogitsFileError
+    p = _tiny_file(tmp_path, [(0.25, -10.0, [0, 8, 40]), record])
+    with LogitsFile(p) as f:
+        with pytest.raises(LogitsFileError, match=r"tiny\.kld: " + message):
+            f.read_chunk(0)
+
+
+def test_constant_row_record_is_valid(tmp_path):
+    # scale 0 (all logits equal): every code 0, min_log_prob = −ln V, the uniform distribution
+    lnv = float(np.float32(math.log(3)))
+    p = _tiny_file(tmp_path, [(0.0, -lnv, [0, 0, 0]), (0.25, -10.0, [0, 8, 40])])
+    with LogitsFile(p) as f:
+        assert f.read_chunk(0).logprobs[0].tolist() == [-lnv] * 3
+
+
+def test_encoder_output_always_passes_the_record_checks():
+    # random, constant, near-uniform, peaked and tied rows, both clamps: decoded max in [−ln V, 0]
+    from evalkit.metrics import decode_records
+    rng = np.random.default_rng(3)
+    for v in (1, 2, 7, 1000):
+        for z in ((rng.standard_normal((4, v)) * 30).astype(np.float32), np.full((4, v), 7.5, np.float32),
+                  (rng.uniform(-1, 1, (4, v)) * 1e-4).astype(np.float32),
+                  rng.integers(-2, 2, (4, v)).astype(np.float32)):
+            for clamp in (16.0, 24.0):
+                rec = encode_records(z, clamp)
+                top = decode_records(rec, v).max(1)
+                assert (rec["scale"] >= 0).all() and (rec["min_log_prob"] <= 0).all()
+                assert (top <= 1e-5).all() and (top >= -math.log(v) - 1e-5).all()
+
+
+def test_non_regular_files_are_refused(tmp_path):
+    import os
+
+    from evalkit.metrics import LogitsFileError
+    (tmp_path / "d.kld").mkdir()
+    with pytest.raises(LogitsFileError, match=r"d\.kld: is a directory"):
+        LogitsFile(tmp_path / "d.kld")
+    os.mkfifo(tmp_path / "f.kld")  # no writer: opening must not block
+    with pytest.raises(LogitsFileError, match=r"f\.kld: is a FIFO"):
+        LogitsFile(tmp_path / "f.kld")
+    with pytest.raises(FileNotFoundError):  # a missing file stays an OSError
+        LogitsFile(tmp_path / "none.kld")
+
+
+def test_absurd_header_is_refused_before_allocating(tmp_path):
+    from evalkit.metrics import LogitsFileError
+    p = tmp_path / "h.kld"
+    p.write_bytes(b"_logits_" + struct.pack("<Iii", 2**31 - 1, 2**31 - 1, 2**31 - 1) + bytes(64))
+    with pytest.raises(LogitsFileError, match=r"h\.kld: truncated: n_ctx=2147483647, n_vocab=2147483647, "
+                                              r"n_chunks=2147483647 require \d+ bytes, the file has 84"):
+        LogitsFile(p)

@@ -19,6 +19,7 @@ from evalkit.metrics.logits_file import (
     CLAMP_MAINLINE,
     LogitsChunk,
     LogitsFile,
+    LogitsFileError,
     LogitsFileWriter,
     check_logits_file,
     decode_records,
@@ -38,7 +39,8 @@ from evalkit.metrics.perplexity import (
 
 __all__ = [
     "CLAMP_IK", "CLAMP_MAINLINE", "DP_PERCENTILES", "KLD_PERCENTILES",
-    "KLDAccumulator", "KLDTokens", "LogitsChunk", "LogitsFile", "LogitsFileWriter",
+    "KLDAccumulator", "KLDTokens", "LogitsChunk", "LogitsFile", "LogitsFileError",
+    "LogitsFileWriter",
     "PerplexityAccumulator", "check_finite_logits", "check_logits_file", "chunk_tokens",
     "decode_records", "encode_records", "file_size", "kld_statistics", "kld_token_stats",
     "median_f32", "n_scored", "percentile_f32", "record_units", "row_max_lse",

@@ -5,10 +5,18 @@ K (int32), K·C int32 tokens (unreplaced), then K·R records, R = C-1-⌊C/2⌋,
 ``float32 scale, float32 min_log_prob, uint16 code[V]`` plus one uint16 of padding
 when V is odd. A record decodes to b_i = scale·q_i + min_log_prob (float32), an
 approximation of the base model's log-softmax.
+
+Every problem with a file is a :class:`LogitsFileError` (a ``ValueError`` too) naming the
+file and, for a record, its chunk and row: a non-regular file, bad magic or header values,
+a size that differs from what the header implies (checked before anything is allocated),
+tokens outside the vocabulary, and records no writer can produce (see
+:meth:`LogitsFile.read_chunk`).
 """
 from __future__ import annotations
 
+import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +24,7 @@ from typing import Iterator
 
 import numpy as np
 
+from evalkit.errors import EvalkitError
 from evalkit.metrics.perplexity import (
     BLOCK_ROWS, PerplexityAccumulator, row_max_lse, token_nll)
 
@@ -25,6 +34,7 @@ __all__ = [
     "CLAMP_MAINLINE",
     "LogitsChunk",
     "LogitsFile",
+    "LogitsFileError",
     "LogitsFileWriter",
     "check_logits_file",
     "decode_records",
@@ -39,6 +49,10 @@ CLAMP_IK = 24.0        # ik_llama.cpp writer since PR #325 (Apr 2025)
 CLAMP_MAINLINE = 16.0  # mainline llama.cpp writer
 _F32 = np.float32
 _ROUND_MAGIC = _F32(12582912.0)  # 1.5·2²³: adding it rounds a float to an integer, ties to even
+
+
+class LogitsFileError(EvalkitError, ValueError):
+    """A base-logits file cannot be written or read: the message names the file (and chunk, row)."""
 
 
 def record_units(n_vocab: int) -> int:
@@ -70,7 +84,8 @@ def encode_records(logits, clamp: float = CLAMP_IK) -> np.ndarray:
     """
     z = np.asarray(logits)
     if z.ndim != 2 or z.dtype != np.float32:
-        raise ValueError(f"logits must be a float32 (rows, n_vocab) array, got {z.dtype} {z.shape}")
+        raise LogitsFileError(f"logits must be a float32 (rows, n_vocab) array, got {z.dtype} "
+                              f"{z.shape}")
     n, v = z.shape
     out = np.zeros(n, dtype=_record_dtype(v))
     d = _F32(clamp)
@@ -128,18 +143,19 @@ class LogitsFileWriter:
         self.n_ctx = int(n_ctx)
         self.n_vocab = int(n_vocab)
         if self.n_ctx < 3 or self.n_vocab < 1:
-            raise ValueError(f"invalid n_ctx={self.n_ctx} / n_vocab={self.n_vocab}")
+            raise LogitsFileError(f"{self.path}: invalid n_ctx={self.n_ctx} / n_vocab={self.n_vocab}")
         toks = np.asarray(tokens)
         if toks.ndim != 1 or (toks.size and not np.issubdtype(toks.dtype, np.integer)):
-            raise ValueError("tokens must be a 1-D integer array")
+            raise LogitsFileError(f"{self.path}: tokens must be a 1-D integer array")
         k_max = toks.size // self.n_ctx
         self.n_chunks = k_max if n_chunks is None else int(n_chunks)
         if not 1 <= self.n_chunks <= k_max:
-            raise ValueError(f"n_chunks={self.n_chunks} needs {self.n_chunks * self.n_ctx} tokens "
-                             f"(n_ctx={self.n_ctx}); the stream has {toks.size}")
+            raise LogitsFileError(f"{self.path}: n_chunks={self.n_chunks} needs "
+                                  f"{self.n_chunks * self.n_ctx} tokens (n_ctx={self.n_ctx}); "
+                                  f"the stream has {toks.size}")
         self.tokens = toks[: self.n_chunks * self.n_ctx].astype("<i4")
         if self.tokens.min() < 0 or self.tokens.max() >= self.n_vocab:
-            raise ValueError(f"token ids must lie in [0, {self.n_vocab})")
+            raise LogitsFileError(f"{self.path}: token ids must lie in [0, {self.n_vocab})")
         self.clamp = float(clamp)
         self.first = self.n_ctx // 2
         self.n_rows = self.n_ctx - 1 - self.first
@@ -160,14 +176,14 @@ class LogitsFileWriter:
         ⌊C/2⌋ … C-2 (R, V). NaN/Inf raise ValueError naming chunk and position.
         """
         if self._fh is None:
-            raise ValueError(f"{self.path}: writer is closed")
+            raise LogitsFileError(f"{self.path}: writer is closed")
         k = self.chunks_written
         if k >= self.n_chunks:
-            raise ValueError(f"{self.path}: all {self.n_chunks} chunks already written")
+            raise LogitsFileError(f"{self.path}: all {self.n_chunks} chunks already written")
         z = np.asarray(logits)
         if z.ndim != 2 or z.shape[1] != self.n_vocab or z.shape[0] not in (self.n_ctx, self.n_rows):
-            raise ValueError(f"chunk {k}: logits must have shape ({self.n_ctx} or {self.n_rows}, "
-                             f"{self.n_vocab}), got {z.shape}")
+            raise LogitsFileError(f"{self.path}: chunk {k}: logits must have shape "
+                                  f"({self.n_ctx} or {self.n_rows}, {self.n_vocab}), got {z.shape}")
         if z.shape[0] == self.n_ctx:
             z = z[self.first:self.n_ctx - 1]
         start = k * self.n_ctx + self.first + 1
@@ -185,25 +201,25 @@ class LogitsFileWriter:
         Lets a resumable pass keep each chunk's records on disk and assemble the file at the end.
         """
         if self._fh is None:
-            raise ValueError(f"{self.path}: writer is closed")
+            raise LogitsFileError(f"{self.path}: writer is closed")
         k = self.chunks_written
         if k >= self.n_chunks:
-            raise ValueError(f"{self.path}: all {self.n_chunks} chunks already written")
+            raise LogitsFileError(f"{self.path}: all {self.n_chunks} chunks already written")
         expected = _record_dtype(self.n_vocab)
         if records.dtype != expected or records.shape != (self.n_rows,):
-            raise ValueError(f"chunk {k}: expected {self.n_rows} records of dtype {expected}, "
-                             f"got shape {records.shape} dtype {records.dtype}")
+            raise LogitsFileError(f"{self.path}: chunk {k}: expected {self.n_rows} records of dtype "
+                                  f"{expected}, got shape {records.shape} dtype {records.dtype}")
         self._fh.write(records.tobytes())
         self.chunks_written += 1
 
     def close(self) -> Path:
         """Finish: check that every chunk was written, then rename the temporary file to ``path``."""
         if self._fh is None:
-            raise ValueError(f"{self.path}: writer already closed")
+            raise LogitsFileError(f"{self.path}: writer already closed")
         if self.chunks_written != self.n_chunks:
             self.abort()
-            raise ValueError(f"{self.path}: only {self.chunks_written} of {self.n_chunks} chunks "
-                             f"were written; no file was produced")
+            raise LogitsFileError(f"{self.path}: only {self.chunks_written} of {self.n_chunks} chunks "
+                                  f"were written; no file was produced")
         self._fh.flush()
         os.fsync(self._fh.fileno())
         self._fh.close()
@@ -252,6 +268,26 @@ class LogitsChunk:
     min_log_prob: np.ndarray
 
 
+def _open_regular(path: Path):
+    """Open ``path`` for reading; a directory, FIFO, socket or device is a LogitsFileError.
+
+    O_NONBLOCK keeps the open of a FIFO without a writer from hanging; it has no effect on
+    the regular files that are then read. A missing or unreadable file stays an OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "not a file")
+            raise LogitsFileError(f"{path}: is {kind}, not a regular base-logits file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 class LogitsFile:
     """Reader of a base-logits file; validates magic, header and exact size on open.
 
@@ -261,15 +297,15 @@ class LogitsFile:
 
     def __init__(self, path) -> None:
         self.path = Path(path)
-        self._fh = open(self.path, "rb")
+        self._fh = _open_regular(self.path)
         try:
             self._read_header()
         except BaseException:
             self._fh.close()
             raise
 
-    def _fail(self, what: str) -> ValueError:
-        return ValueError(f"{self.path}: {what}")
+    def _fail(self, what: str) -> LogitsFileError:
+        return LogitsFileError(f"{self.path}: {what}")
 
     def _read_header(self) -> None:
         size = os.fstat(self._fh.fileno()).st_size
@@ -305,6 +341,8 @@ class LogitsFile:
         self.first = n_ctx // 2
         self.n_rows = n_ctx - 1 - self.first
         raw = self._fh.read(4 * n_ctx * n_chunks)
+        if len(raw) != 4 * n_ctx * n_chunks:  # the file shrank after the size check
+            raise self._fail("truncated while reading the tokens")
         self.tokens = np.frombuffer(raw, "<i4").astype(np.int32)
         if self.tokens.min() < 0 or self.tokens.max() >= n_vocab:
             bad = int(np.argmax((self.tokens < 0) | (self.tokens >= n_vocab)))
@@ -314,7 +352,11 @@ class LogitsFile:
         self._records_at = HEADER_BYTES + 4 * n_ctx * n_chunks
 
     def read_chunk(self, k: int) -> LogitsChunk:
-        """Read and decode chunk ``k`` (0-based)."""
+        """Read and decode chunk ``k`` (0-based).
+
+        Every record is checked as it is decoded: a scale, min_log_prob or largest value no
+        writer can produce raises :class:`LogitsFileError` naming the chunk and row.
+        """
         if not 0 <= k < self.n_chunks:
             raise IndexError(f"{self.path}: chunk {k} out of range (file has {self.n_chunks})")
         if self._fh.closed:
@@ -325,22 +367,60 @@ class LogitsFile:
         if len(raw) != self.n_rows * rec_bytes:  # the file shrank after the size check
             raise self._fail(f"truncated while reading chunk {k}")
         rec = np.frombuffer(raw, self._dtype)
-        hdr_ok = np.isfinite(rec["scale"]) & np.isfinite(rec["min_log_prob"]) & (rec["scale"] >= 0)
-        if not hdr_ok.all():
-            r = int(np.argmax(~hdr_ok))
-            raise self._fail(f"record {r} of chunk {k} has an invalid header (scale "
-                             f"{rec['scale'][r]!r}, min_log_prob {rec['min_log_prob'][r]!r})")
+        self._check_record_headers(rec, k)
+        with np.errstate(over="ignore"):  # a huge scale decodes to inf, refused just below
+            logprobs = decode_records(rec, self.n_vocab)
+        self._check_decoded(rec, logprobs, k)
         toks = self.tokens[k * self.n_ctx:(k + 1) * self.n_ctx]
         return LogitsChunk(index=k, tokens=toks, targets=toks[self.first + 1:],
-                           logprobs=decode_records(rec, self.n_vocab),
+                           logprobs=logprobs,
                            scale=rec["scale"].copy(), min_log_prob=rec["min_log_prob"].copy())
+
+    def _where(self, k: int, r: int) -> str:
+        return f"chunk {k}, row {r} (logits row {self.first + r} of the chunk)"
+
+    def _check_record_headers(self, rec: np.ndarray, k: int) -> None:
+        """scale and min_log_prob as the writer makes them (§3.3): scale = (M − m)/65535 is
+        finite and ≥ 0 (0 for a constant row), min_log_prob = (m − M) − λ is finite and ≤ 0."""
+        scale, mlp = rec["scale"], rec["min_log_prob"]
+        bad_scale = ~(np.isfinite(scale) & (scale >= 0))
+        bad_mlp = ~(np.isfinite(mlp) & (mlp <= 0))
+        if bad_scale.any():
+            r = int(np.argmax(bad_scale))
+            raise self._fail(f"{self._where(k, r)}: scale {float(scale[r]):.8g} is not a finite "
+                             f"number ≥ 0: corrupt record")
+        if bad_mlp.any():
+            r = int(np.argmax(bad_mlp))
+            raise self._fail(f"{self._where(k, r)}: min_log_prob {float(mlp[r]):.8g} is not a "
+                             f"finite number ≤ 0: corrupt record")
+
+    def _check_decoded(self, rec: np.ndarray, logprobs: np.ndarray, k: int) -> None:
+        """The largest decoded value of a row is the log of its top probability, so it lies
+        in [−ln V, 0]: the writer's top code is 65535 (all 0 when scale = 0), which decodes to
+        −λ = −ln Σ exp(z − M), and 1 ≤ Σ ≤ V. The slack covers the float rounding of
+        scale, min_log_prob and the decode (≈ 1e-7 relative to the row's range)."""
+        top = logprobs.max(axis=1).astype(np.float64)
+        slack = 1e-5 + 1e-6 * np.abs(rec["min_log_prob"].astype(np.float64))
+        low = -math.log(self.n_vocab) - slack
+        bad = ~((top <= slack) & (top >= low))  # written so that NaN counts as bad
+        if bad.any():
+            r = int(np.argmax(bad))
+            if not top[r] <= slack[r]:
+                i = int(np.argmax(logprobs[r]))
+                problem = (f"decodes to log-probability {top[r]:.6g} > 0 at token {i} "
+                           f"(scale {float(rec['scale'][r]):.8g}, min_log_prob "
+                           f"{float(rec['min_log_prob'][r]):.8g})")
+            else:
+                problem = (f"its largest log-probability {top[r]:.6g} is below −ln(n_vocab) = "
+                           f"{-math.log(self.n_vocab):.6g}, so its probabilities cannot sum to 1")
+            raise self._fail(f"{self._where(k, r)}: {problem}: corrupt record")
 
     def __iter__(self) -> Iterator[LogitsChunk]:
         for k in range(self.n_chunks):
             yield self.read_chunk(k)
 
     def check(self, n_ctx: int | None = None, tokens=None, n_vocab: int | None = None) -> None:
-        """Raise ValueError unless the header matches: equal ``n_ctx``, ``n_vocab``, and the
+        """Raise :class:`LogitsFileError` unless the header matches: equal ``n_ctx``, ``n_vocab``, and the
         stored tokens equal the first K·C of ``tokens`` (the unreplaced corpus stream)."""
         if n_ctx is not None and int(n_ctx) != self.n_ctx:
             raise self._fail(f"was written with n_ctx={self.n_ctx}, expected n_ctx={int(n_ctx)}")
@@ -374,6 +454,6 @@ class LogitsFile:
 def check_logits_file(path, n_ctx: int | None = None, tokens=None,
                       n_vocab: int | None = None) -> None:
     """Open ``path`` and check its header against the expected n_ctx, tokens and n_vocab
-    (see :meth:`LogitsFile.check`); raises ValueError with the mismatch."""
+    (see :meth:`LogitsFile.check`); raises :class:`LogitsFileError` with the mismatch."""
     with LogitsFile(path) as f:
         f.check(n_ctx=n_ctx, tokens=tokens, n_vocab=n_vocab)
