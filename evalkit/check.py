@@ -322,13 +322,51 @@ def format_table(rows: list[CheckRow]) -> str:
     return "\n".join(out)
 
 
-def main(results_path: str, thresholds_path: str) -> int:
-    """Run the check and print the table; returns the exit code (0 ok, 1 crossed, 2 bad input)."""
+def baseline_rows(results_path: str, baseline_path: str, tolerance: float) -> list[CheckRow]:
+    """One row per variant in both runs: the candidate's mean KLD may exceed the baseline's by
+    at most ``tolerance`` (relative) unless the rise is within noise. On the same tokens the
+    test is paired (block bootstrap over chunks); on different chunks, unpaired."""
+    from evalkit.compare import CompareError, diff_tables, diff_unpaired, load_run_tokens
+
+    try:
+        rb, tb = load_run_tokens(baseline_path)
+        rc, tc = load_run_tokens(results_path)
+    except CompareError as e:
+        raise CheckError(str(e)) from None
+    same = all(rb.get(k) == rc.get(k) for k in ("corpus_sha256", "n_ctx", "n_chunks"))
+    rows = []
+    for v in [v for v in rc.get("variants", {}) if v in rb.get("variants", {})]:
+        a, b = tb[tb["variant"] == v], tc[tc["variant"] == v]
+        try:
+            d = (diff_tables(a, b, f"variant {v!r}") if same else diff_unpaired(a, b))["kld_mean"]
+        except CompareError:
+            d = diff_unpaired(a, b)["kld_mean"]      # same corpus but other tokens: unpaired
+        limit = d.a * (1.0 + tolerance)
+        real = d.ci_low > 0.0 and d.p_value < 0.05
+        rows.append(CheckRow(v, "kld_mean vs baseline", "<=", limit, d.b, not (d.b > limit and real)))
+    if not rows:
+        raise CheckError(f"{results_path} and {baseline_path} have no variant in common")
+    return rows
+
+
+def main(results_path: str, thresholds_path: str | None = None, baseline_path: str | None = None,
+         tolerance: float = 0.05) -> int:
+    """Run the checks asked for and print the table; returns the exit code (0 ok, 1 crossed,
+    2 bad input). ``baseline_path``: fail where the mean KLD rose beyond ``tolerance`` and beyond noise."""
     import sys
     unmatched: list[str] = []
+    rows: list[CheckRow] = []
     try:
-        rows = check_results(_load_results(results_path), _load_yaml(thresholds_path),
-                             results_path, thresholds_path, unmatched)
+        if thresholds_path is None and baseline_path is None:
+            raise CheckError("give --thresholds FILE, --baseline RESULTS, or both")
+        if not (math.isfinite(tolerance) and tolerance >= 0):
+            raise CheckError(f"--tolerance must be a finite number >= 0, got {tolerance}")
+        if thresholds_path is not None:
+            rows += check_results(_load_results(results_path), _load_yaml(thresholds_path),
+                                  results_path, thresholds_path, unmatched)
+        if baseline_path is not None:
+            _load_results(results_path)
+            rows += baseline_rows(results_path, baseline_path, tolerance)
     except CheckError as e:
         print(f"evalkit check: error: {e}", file=sys.stderr)
         return 2
@@ -336,6 +374,7 @@ def main(results_path: str, thresholds_path: str) -> int:
     for pattern in unmatched:
         print(f"note: threshold pattern {pattern!r} matches no variant of this run")
     failed = [r for r in rows if not r.ok]
-    print(f"\n{len(rows) - len(failed)} of {len(rows)} thresholds hold" +
+    what = "thresholds" if baseline_path is None else "checks"
+    print(f"\n{len(rows) - len(failed)} of {len(rows)} {what} hold" +
           (f"; {len(failed)} crossed" if failed else ""))
     return 1 if failed else 0

@@ -109,6 +109,28 @@ def diff_tables(ta: pd.DataFrame, tb: pd.DataFrame, what: str, seed: int = 0) ->
     return out
 
 
+def diff_unpaired(ta: pd.DataFrame, tb: pd.DataFrame, seed: int = 0) -> dict[str, MetricDiff]:
+    """B − A of every metric when the two sides saw different tokens: each side's chunks are
+    resampled on their own (a block bootstrap of each mean) and the interval is that of the
+    difference of the two resampled means. ``per_chunk`` is empty (nothing to pair)."""
+    ca, cb = _per_chunk(ta), _per_chunk(tb)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for m in METRICS:
+        sides = []
+        for c in (ca, cb):
+            v, w = c[m].to_numpy(np.float64), c["n"].to_numpy(np.float64)
+            idx = rng.integers(0, len(v), size=(N_BOOT, len(v)))
+            sides.append(((v * w).sum() / w.sum(), (v[idx] * w[idx]).sum(axis=1) / w[idx].sum(axis=1)))
+        (a, ma), (b, mb) = sides
+        diffs = mb - ma
+        obs = float(b - a)
+        lo, hi = np.quantile(diffs, [0.025, 0.975])
+        p = max(float((np.abs(diffs - obs) >= abs(obs)).mean()), 1.0 / N_BOOT) if obs else 1.0
+        out[m] = MetricDiff(m, float(a), float(b), obs, float(lo), float(hi), p, min(len(ca), len(cb)), [])
+    return out
+
+
 def compare_runs(results_a: str | Path, results_b: str | Path, seed: int = 0) -> dict[str, dict[str, MetricDiff]]:
     """{variant: {metric: B − A}} for every variant present in both runs."""
     ra, ta = load_run_tokens(results_a)
