@@ -72,6 +72,10 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ek_rms_norm": ([vp, vp, vp, i64, i64, i64, i64, i64, ctypes.c_float, ci, vp], ci),
         "ek_swiglu": ([vp, vp, vp, i64, ci, vp], ci),
         "ek_test_fail_alloc": ([ci], ci),
+        # emulated reference CPU backend (kernels/backend_act.c, kernels/backend_convert.c)
+        "ek_backend_quantize_act": ([ci, vp, vp, vp, vp, i64, i64, ci, vp], ci),
+        "ek_backend_has_convert": ([ci], ci),
+        "ek_backend_convert": ([ci, vp, vp, i64, i64, ci, vp], ci),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)

@@ -20,7 +20,7 @@ from evalkit.evaluation.models import ModelEntry, base_entry, prepare_variant, v
 from evalkit.evaluation.store import PARTIAL_FORMAT, ChunkStore, fingerprint
 from evalkit.run_config import RunConfig
 
-__all__ = ["RunError", "RunPlan", "plan_run", "run"]
+__all__ = ["Component", "RunError", "RunPlan", "VariantRun", "plan_run", "run"]
 
 
 @dataclass
@@ -62,17 +62,87 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     return RunPlan(base_path, cc, base_file)
 
 
-def _run_fingerprint(plan: RunPlan, base: ModelEntry, variants: list[ModelEntry]) -> str:
+@dataclass
+class Component:
+    """One way a variant is evaluated: ``kind`` "exact" (the weights alone), an emulated backend
+    ("ik-cpu", ...) or "measured" (its logits file). ``entry`` is the name its chunks are
+    stored and totalled under: the variant's own name for its primary figure, else
+    ``<variant>@<kind>``."""
+
+    kind: str
+    entry: str
+
+
+@dataclass
+class VariantRun:
+    """A variant of the run with every component it is evaluated through.
+
+    ``limit``: the chunks it is scored on when its logits file holds fewer than the run
+    (every component of the variant then uses the same tokens, so they decompose)."""
+
+    spec: object                 # evalkit.run_config.VariantSpec
+    model: ModelEntry
+    components: list[Component]
+    backend_threads: int | None = None
+    limit: int | None = None
+    measured: object | None = None       # evalkit.backend.measured.MeasuredLogits
+
+    @property
+    def primary(self) -> Component:
+        """The component of the variant's headline figure: measured, else emulated, else exact."""
+        return self.components[-1]
+
+
+def _measured(v, cc: ChunkedCorpus, base: ModelEntry):
+    """The variant's logits file, checked against the run's corpus, ctx and vocabulary
+    (before any model is quantized); None without ``logits``."""
+    from evalkit.backend.measured import MeasuredLogits
+    if not v.logits:
+        return None
+    n_vocab = vocab_of(base.path)[0] if base.path.is_file() else None
+    return MeasuredLogits(Path(v.logits), cc.chunks, cc.stream, n_vocab, v.name)
+
+
+def _components(v, model: ModelEntry, cc: ChunkedCorpus, measured) -> VariantRun:
+    """A variant's components (exact, its emulated backend, measured) in that order."""
+    from evalkit.backend.forward import physical_cores
+    kinds = ["exact"] + ([v.backend] if v.backend != "exact" else []) + (["measured"] if v.logits else [])
+    comps = [Component(k, v.name if i == len(kinds) - 1 else f"{v.name}@{k}") for i, k in enumerate(kinds)]
+    vr = VariantRun(v, model, comps, (v.backend_threads or physical_cores()) if v.backend != "exact" else None)
+    if measured is not None:
+        vr.measured = measured
+        vr.limit = vr.measured.n_chunks if vr.measured.n_chunks < cc.n_chunks else None
+    return vr
+
+
+def _run_fingerprint(plan: RunPlan, base: ModelEntry, runs: list[VariantRun]) -> str:
     import evalkit
     from evalkit.files import sha256_file
-    return fingerprint({
+    data = {
         "format": PARTIAL_FORMAT, "evalkit": evalkit.__version__, "corpus": plan.corpus.sha256,
         "base": base.sha256, "n_ctx": plan.corpus.n_ctx, "n_chunks": plan.corpus.n_chunks,
         "base_logits": sha256_file(plan.base_file.path) if plan.base_file is not None else None,
-        "variants": [(v.name, v.sha256) for v in variants]})
+        "variants": [(r.spec.name, r.model.sha256) for r in runs]}
+    lens = [(r.spec.name, [c.entry for c in r.components], r.backend_threads, r.spec.ubatch,
+             sha256_file(r.measured.path) if r.measured is not None else None) for r in runs
+            if len(r.components) > 1]
+    if lens:                    # only runs that use the backend lens: older fingerprints stay valid
+        data["backend_lens"] = lens
+    return fingerprint(data)
 
 
-def _evaluate_pending(cfg: RunConfig, plan: RunPlan, base: ModelEntry, variants: list[ModelEntry],
+def _forward_for(c: Component, vr: VariantRun, cfg: RunConfig, window, shared, make_forward):
+    """The forward callable of one component."""
+    from evalkit.backend.forward import backend_forward
+    if c.kind == "measured":
+        return vr.measured
+    if c.kind == "exact":
+        return make_forward(vr.model.path, window, shared)
+    factory = backend_forward(c.kind, vr.backend_threads, vr.spec.ubatch, batch=cfg.batch, mode="kld")
+    return factory(vr.model.path, window, shared)
+
+
+def _evaluate_pending(cfg: RunConfig, plan: RunPlan, base: ModelEntry, runs: list[VariantRun],
                       store: ChunkStore, todo: list[int], progress: bool, make_forward) -> None:
     """Build the forward callables and run the KLD pass over the chunks not yet in ``store``."""
     from evalkit.evaluation.kld_pass import run_kld_pass
@@ -82,9 +152,10 @@ def _evaluate_pending(cfg: RunConfig, plan: RunPlan, base: ModelEntry, variants:
     window = plan.corpus.window
     base_fn = None if plan.base_file is not None else make_forward(base.path, window, Workspace())
     shared = Workspace()        # the variants take turns in one logits buffer
-    fns = [(v.name, make_forward(v.path, window, shared)) for v in variants]
+    fns = [(c.entry, _forward_for(c, vr, cfg, window, shared, make_forward)) for vr in runs for c in vr.components]
+    limits = {c.entry: vr.limit for vr in runs if vr.limit is not None for c in vr.components}
     run_kld_pass(plan.corpus, store, todo, chunks_per_call(cfg.batch, window.n_ctx), base_fn, fns,
-                 plan.base_file, bool(cfg.write_base_logits), progress, f"{cfg.name}: chunks")
+                 plan.base_file, bool(cfg.write_base_logits), progress, f"{cfg.name}: chunks", limits=limits)
 
 
 def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
@@ -115,14 +186,18 @@ def _run_locked(cfg: RunConfig, folder, progress: bool, restart: bool, make_forw
     plan = plan_run(cfg)
     cc = plan.corpus
     base = base_entry(plan.base_path)
-    variants = [prepare_variant(v, base, out, cfg.resolve, cfg.threads, progress) for v in cfg.variants]
-    store = ChunkStore(out / "partial", _run_fingerprint(plan, base, variants)).open(cfg.to_dict(), restart)
+    specs = [_resolved(v, cfg) for v in cfg.variants]
+    measured = [_measured(v, cc, base) for v in specs]
+    models = [prepare_variant(v, base, out, cfg.resolve, cfg.threads, progress) for v in specs]
+    runs = [_components(v, m, cc, f) for v, m, f in zip(specs, models, measured)]
+    store = ChunkStore(out / "partial", _run_fingerprint(plan, base, runs)).open(cfg.to_dict(), restart)
     todo = store.todo(cc.n_chunks, with_records=bool(cfg.write_base_logits))
     if todo:
-        _evaluate_pending(cfg, plan, base, variants, store, todo, progress, make_forward)
+        _evaluate_pending(cfg, plan, base, runs, store, todo, progress, make_forward)
     store.verify()
-    totals = aggregate(store, cc.n_chunks, [v.name for v in variants], cc.n_ctx, cc.window.targets_pos)
-    results = results_dict(cfg.to_dict(), cc, base, variants, totals,
+    totals = aggregate(store, cc.n_chunks, [c.entry for r in runs for c in r.components], cc.n_ctx,
+                       cc.window.targets_pos)
+    results = results_dict(cfg.to_dict(), cc, base, runs, totals,
                            plan.base_file.path if plan.base_file is not None else None, time.time() - t0)
     staged = folder.staging()
     write_outputs(staged, results, totals, cc)
@@ -130,3 +205,9 @@ def _run_locked(cfg: RunConfig, folder, progress: bool, restart: bool, make_forw
         write_base_logits_file(Path(cfg.write_base_logits), store, cc, vocab_of(base.path)[0])
     write_results_json(staged, results)
     folder.publish(staged)
+
+
+def _resolved(v, cfg: RunConfig):
+    """The variant spec with its logits path resolved against the config's folder."""
+    import dataclasses
+    return dataclasses.replace(v, logits=cfg.resolve(v.logits)) if v.logits else v

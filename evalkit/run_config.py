@@ -12,16 +12,21 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+from evalkit.devices import DeviceError, check_device_name
 from evalkit.errors import EvalkitError
 from evalkit.recipes.ftypes import get_ftype
 from evalkit.recipes.options import CLASS_OPTIONS, TypeOptions, normalize_type
 
-__all__ = ["plain_name", "ConfigError", "CorpusSpec", "VariantSpec", "RunConfig", "load_config", "config_from_dict",
-           "VARIANT_KEYS"]
+__all__ = ["plain_name", "ConfigError", "CorpusSpec", "ImatrixSpec", "VariantSpec", "RunConfig", "load_config",
+           "config_from_dict", "VARIANT_KEYS", "BACKEND_KEYS", "IMATRIX_KEYS"]
 
 # A variant's YAML keys: a recipe's --pure, overrides and per-class types (the keys are
 # TypeOptions' attribute names) sit at the variant's top level.
 VARIANT_KEYS = ("name", "gguf", "ftype", "imatrix", "overrides", "pure") + tuple(o.attr for o in CLASS_OPTIONS)
+# How a variant is evaluated besides its exact forward (the backend lens, evalkit.backend).
+BACKEND_KEYS = ("backend", "backend_threads", "ubatch", "logits")
+# A variant's `imatrix: {corpus: ..., chunks: ...}`: computed from the base (evalkit imatrix), not a file.
+IMATRIX_KEYS = ("corpus", "chunks", "ctx")
 
 
 class ConfigError(EvalkitError, ValueError):
@@ -40,6 +45,20 @@ class CorpusSpec:
 
 
 @dataclass
+class ImatrixSpec:
+    """An importance matrix computed from the base over ``corpus`` (a text file or a bundled
+    name), ``chunks`` chunks of ``ctx`` tokens (None: every chunk), as llama-imatrix would."""
+
+    corpus: str
+    chunks: int | None = None
+    ctx: int = 512
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form with the YAML keys."""
+        return {"corpus": self.corpus, "chunks": self.chunks, "ctx": self.ctx}
+
+
+@dataclass
 class VariantSpec:
     """One quantized model to score: an existing GGUF, or a recipe quantized on the fly.
 
@@ -50,8 +69,12 @@ class VariantSpec:
     name: str
     gguf: str | None = None
     ftype: str | None = None
-    imatrix: str | None = None
+    imatrix: str | ImatrixSpec | None = None     # a file, or one computed from the base
     options: TypeOptions = field(default_factory=TypeOptions)
+    backend: str = "exact"              # evalkit.backend.BACKENDS: exact, ik-cpu, ik-cpu-avx2
+    backend_threads: int | None = None  # the emulated backend's thread count (None: physical cores)
+    ubatch: int = 512                   # the emulated backend's ubatch (llama-perplexity's -ub)
+    logits: str | None = None           # llama-perplexity --kl-divergence-base file of this variant's model
 
     def __post_init__(self) -> None:
         """Canonical ftype name (ValueError if unknown), so equal recipes look equal."""
@@ -70,11 +93,15 @@ class VariantSpec:
                 **o.class_types()}
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain-data form with the YAML keys (every per-class key, None when unset)."""
+        """Plain-data form with the YAML keys (every per-class key, None when unset; the backend
+        keys only for a variant that uses the backend lens, so exact-only configs read as before)."""
         o = self.options
-        return {"name": self.name, "gguf": self.gguf, "ftype": self.ftype, "imatrix": self.imatrix,
+        imatrix = self.imatrix.to_dict() if isinstance(self.imatrix, ImatrixSpec) else self.imatrix
+        lens = {"backend": self.backend, "backend_threads": self.backend_threads, "ubatch": self.ubatch,
+                "logits": self.logits} if self.backend != "exact" or self.logits else {}
+        return {"name": self.name, "gguf": self.gguf, "ftype": self.ftype, "imatrix": imatrix,
                 "overrides": [f"{r}={t}" for r, t in o.overrides], "pure": o.pure,
-                **{c.attr: getattr(o, c.attr) for c in CLASS_OPTIONS}}
+                **{c.attr: getattr(o, c.attr) for c in CLASS_OPTIONS}, **lens}
 
 
 @dataclass
@@ -88,6 +115,7 @@ class RunConfig:
     chunks: int | None = None        # None: every chunk the corpus holds
     threads: int | None = None
     batch: int = 2048                # tokens per forward call, as llama-perplexity's -b: batch // ctx chunks
+    device: str = "cpu"              # where the forward pass runs (evalkit.devices): cpu, cpu-torch, cuda[:N]
     output_dir: str = "results"
     base_logits: str | None = None   # score against a llama-perplexity base-logits file
     write_base_logits: str | None = None  # write our base pass as such a file
@@ -167,11 +195,50 @@ def _overrides(value, where: str) -> list[str]:
                       f"REGEX: TYPE, got {value!r}")
 
 
+def _backend_keys(v: dict, w: str) -> dict[str, Any]:
+    """A variant's backend, backend_threads, ubatch and logits keys, checked."""
+    from evalkit.backend.rules import BACKENDS, EMULATED
+    backend = _expect(v.get("backend", "exact"), str, w, "backend")
+    if backend not in BACKENDS:
+        raise ConfigError(f"{w}: unknown backend {backend!r}; valid backends: {', '.join(BACKENDS)}")
+    for k in ("backend_threads", "ubatch"):
+        if _expect(v.get(k), int, w, k) is not None:
+            if v[k] < 1:
+                raise ConfigError(f"{w}: {k!r} must be a positive integer, got {v[k]}")
+            if backend not in EMULATED:
+                raise ConfigError(f"{w}: {k!r} applies to an emulated backend ({', '.join(EMULATED)}), "
+                                  f"not to backend {backend!r}")
+    out = {"backend": backend, "logits": _expect(v.get("logits"), str, w, "logits")}
+    out.update({k: v[k] for k in ("backend_threads", "ubatch") if v.get(k) is not None})
+    return out
+
+
+def _imatrix(value, where: str) -> str | ImatrixSpec | None:
+    """A variant's ``imatrix``: a file path, or a mapping {corpus, chunks, ctx} to compute one."""
+    if value is None or isinstance(value, str):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: 'imatrix' must be a file path or a mapping with keys "
+                          f"{', '.join(IMATRIX_KEYS)}, got {value!r}")
+    _check_keys(value, IMATRIX_KEYS, f"{where} imatrix")
+    corpus = value.get("corpus")
+    if not isinstance(corpus, str) or not corpus.strip():
+        raise ConfigError(f"{where} imatrix: 'corpus' (a text file or a bundled corpus name) is required")
+    for k in ("chunks", "ctx"):
+        _expect(value.get(k), int, f"{where} imatrix", k)
+    if value.get("chunks") is not None and value["chunks"] < 1:
+        raise ConfigError(f"{where} imatrix: 'chunks' must be positive, got {value['chunks']}")
+    # llama-imatrix ignores matrix multiplications of fewer than 16 tokens: nothing would be collected
+    if value.get("ctx") is not None and value["ctx"] < 16:
+        raise ConfigError(f"{where} imatrix: 'ctx' must be at least 16, got {value['ctx']}")
+    return ImatrixSpec(corpus, value.get("chunks"), value.get("ctx") or 512)
+
+
 def _variant(value, i: int, where: str) -> VariantSpec:
     w = f"{where} variants[{i}]"
     if not isinstance(value, dict):
         raise ConfigError(f"{w}: must be a mapping, got {value!r}")
-    _check_keys(value, VARIANT_KEYS, w)
+    _check_keys(value, VARIANT_KEYS + BACKEND_KEYS, w)
     v = dict(value)
     if "name" not in v:
         v["name"] = v.get("ftype") or (Path(v["gguf"]).stem if v.get("gguf") else None)
@@ -180,8 +247,9 @@ def _variant(value, i: int, where: str) -> VariantSpec:
     name = plain_name(str(v["name"]), f"{w} 'name'")
     overrides = _overrides(v.get("overrides"), w)
     class_keys = tuple(o.attr for o in CLASS_OPTIONS)
-    for k in ("gguf", "ftype", "imatrix") + class_keys:
+    for k in ("gguf", "ftype") + class_keys:
         _expect(v.get(k), str, w, k)
+    imatrix = _imatrix(v.get("imatrix"), f"{w} ({name})")
     _expect(v.get("pure", False), bool, w, "pure")
     if bool(v.get("gguf")) == bool(v.get("ftype")):
         raise ConfigError(f"{w} ({name}): give exactly one of 'gguf' (an existing file) or 'ftype' "
@@ -189,11 +257,12 @@ def _variant(value, i: int, where: str) -> VariantSpec:
     if v.get("gguf") and (v.get("imatrix") or overrides or v.get("pure") or any(v.get(k) for k in class_keys)):
         raise ConfigError(f"{w} ({name}): 'imatrix', 'overrides', 'pure' and per-tensor types apply to "
                           f"an 'ftype' recipe, not to an existing 'gguf'")
+    backend = _backend_keys(v, f"{w} ({name})")
     try:
         # resolved once here: names canonical, so that iq4_k and IQ4_K are the same recipe
         types = {k: normalize_type(v[k], repr(k)) for k in class_keys if v.get(k)}
         options = TypeOptions(pure=bool(v.get("pure")), overrides=overrides, **types)
-        return VariantSpec(name, v.get("gguf"), v.get("ftype"), v.get("imatrix"), options)
+        return VariantSpec(name, v.get("gguf"), v.get("ftype"), imatrix, options, **backend)
     except ValueError as e:
         raise ConfigError(f"{w} ({name}): {e}") from None
 
@@ -213,6 +282,11 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
         _expect(d.get(k), int, source, k)
     for k in ("base", "output_dir", "base_logits", "write_base_logits"):
         _expect(d.get(k), str, source, k)
+    if "device" in d:                # the name's form only: availability is checked when the run starts
+        try:
+            check_device_name(d["device"])
+        except DeviceError as e:
+            raise ConfigError(f"{source}: 'device': {e}") from None
     if d.get("ctx", 512) < 8:
         raise ConfigError(f"{source}: 'ctx' must be at least 8, got {d['ctx']}")
     if d.get("batch", 1) < 1:

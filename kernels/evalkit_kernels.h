@@ -106,6 +106,31 @@ int ek_rms_norm(const float *x, const float *w, float *out, int64_t outer, int64
                 int64_t x_outer_stride, int64_t x_inner_stride, float eps, int nthreads, ek_team_runner runner);
 int ek_swiglu(const float *g, const float *u, float *out, int64_t n, int nthreads, ek_team_runner runner);
 
+/* Emulated reference CPU backend (docs/backend-ik-cpu.md; kernels/backend_*.c).
+ *
+ * Activation rounding (§3): each of the nrows rows of n floats of x is quantized to `kind`
+ * and written back dequantized (code x block scale) into out (which may be x). When not
+ * NULL, q receives the int8 codes (nrows*n) and d the block scales (nrows*n/block, the
+ * bf16-rounded value for Q8_2_X4). EK_ERR_BAD_ROW_LENGTH when n is not a multiple of the
+ * block (32 for Q8_2_X4, 256 for Q8_K). */
+enum ek_act_kind {
+    EK_ACT_F32 = 0,      /* no rounding (F32/F16 weights) */
+    EK_ACT_Q8_2_X4 = 1,  /* blocks of 32, d = bf16(amax/127), q = RNE(x/d) */
+    EK_ACT_Q8_K = 2,     /* blocks of 256, d = amax/127, q = RNE(x*127/amax) */
+    EK_ACT_BF16 = 3      /* RNE to bfloat16 (denormals of full 32-groups flushed) */
+};
+int ek_backend_quantize_act(int kind, const float *x, float *out, int8_t *q, float *d, int64_t nrows, int64_t n,
+                            int nthreads, ek_team_runner runner);
+
+/* Weight conversion (§4): the float32 weights that the reference's on-the-fly re-encoding
+ * of nrows packed rows of `type` represents (Q8_K_R16 with the type's d0, Q8_1_R8 with
+ * fp16 scales, Q6_K -> Q8_0_R8, KT -> Q8_0_R8 with fp16 block scales; exact types are
+ * plainly dequantized with the inference variant). EK_ERR_NOT_IMPLEMENTED for types the
+ * reference never converts (F32, F16, BF16). */
+int ek_backend_has_convert(int type);
+int ek_backend_convert(int type, const uint8_t *q, float *out, int64_t nrows, int64_t n, int nthreads,
+                       ek_team_runner runner);
+
 /* Test hook: while on != 0, every row kernel's scratch allocation fails, so that the
  * EK_ERR_NO_MEMORY path can be exercised (the KT codebooks, built once per process, are
  * not affected). Returns the previous setting. */

@@ -1,6 +1,7 @@
 """GGUF reading/writing and imatrix loading, on the golden files and on broken ones."""
 from __future__ import annotations
 
+import os
 import struct
 
 import numpy as np
@@ -178,3 +179,152 @@ def test_every_tensor_of_the_golden_files_dequantizes(name):
             ref = base.dequantize(t.name)
             rel = np.sqrt(np.mean((f.dequantize(t.name) - ref) ** 2) / np.mean(ref ** 2))
             assert rel < 0.6, f"{name}: {t.name} ({t.type_name}) relative error {rel:.3f}"
+
+
+# --- hostile files: bounds before allocation, layout checks, non-regular files
+
+def _kv(key: str, vtype: int, payload: bytes) -> bytes:
+    return struct.pack("<Q", len(key)) + key.encode() + struct.pack("<I", vtype) + payload
+
+
+def _raw_gguf(kvs: bytes, n_kv: int, n_tensors: int = 0, tensors: bytes = b"", version: int = 3,
+              pad: int = 64) -> bytes:
+    head = b"GGUF" + struct.pack("<IQQ", version, n_tensors, n_kv) + kvs + tensors
+    return head + b"\0" * (-len(head) % 32) + b"\0" * pad
+
+
+_ARCH = _kv("general.architecture", 8, struct.pack("<Q", 5) + b"llama")
+
+
+@pytest.mark.parametrize("blob, message", [
+    (_raw_gguf(_ARCH, 1, version=3 << 24), "other byte order"),
+    (_raw_gguf(_ARCH, 1, n_tensors=2**62), "tensor count 4611686018427387904 is more than the file can hold"),
+    (_raw_gguf(_ARCH, 2**40), "metadata count 1099511627776 is more than the file can hold"),
+    (_raw_gguf(_kv("general.name", 8, struct.pack("<Q", 2**63)), 1), "claims 9223372036854775808 bytes"),
+    (_raw_gguf(_kv("a", 9, struct.pack("<IQ", 4, 2**61)), 1), "claims 2305843009213693952 elements"),
+    (_raw_gguf(_kv("a", 9, struct.pack("<IQ", 8, 2**40)), 1), "claims 1099511627776 elements"),
+    (_raw_gguf(_kv("a", 9, struct.pack("<IQ", 9, 1) * 100_000 + struct.pack("<IQ", 4, 0)), 1), "array of arrays"),
+    (_raw_gguf(_kv("a", 9, struct.pack("<IQ", 99, 1)), 1), "unknown element type 99"),
+    (_raw_gguf(_kv("gen\xe9ral", 4, struct.pack("<I", 1)).replace(b"gen\xc3\xa9ral", b"gen\xe9ral!"), 1),
+     "not valid UTF-8"),
+])
+def test_hostile_headers_raise_before_allocating(tmp_path, blob, message):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(blob)
+    with pytest.raises(GGUFError, match=message) as ei:
+        GGUFFile(p)
+    assert str(p) in str(ei.value)
+
+
+@pytest.mark.parametrize("vtype, payload, message", [
+    (9, struct.pack("<IQI", 4, 1, 32), "must be an unsigned integer, got a ARRAY"),
+    (6, struct.pack("<f", 32.0), "must be an unsigned integer, got a FLOAT32"),
+    (8, struct.pack("<Q", 2) + b"32", "must be an unsigned integer, got a STRING"),
+    (4, struct.pack("<I", 0), "general.alignment 0 is not a power of two"),
+    (4, struct.pack("<I", 48), "general.alignment 48 is not a power of two"),
+    (5, struct.pack("<i", -32), "general.alignment -32 is not a power of two"),
+])
+def test_bad_alignment(tmp_path, vtype, payload, message):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(_raw_gguf(_ARCH + _kv("general.alignment", vtype, payload), 2))
+    with pytest.raises(GGUFError, match=message):
+        GGUFFile(p)
+
+
+def _tensor_info(name: bytes, dims, type_id: int = 0, offset: int = 0, n_dims: int | None = None) -> bytes:
+    nd = len(dims) if n_dims is None else n_dims
+    return (struct.pack("<Q", len(name)) + name + struct.pack("<I", nd) + struct.pack(f"<{len(dims)}Q", *dims)
+            + struct.pack("<IQ", type_id, offset))
+
+
+@pytest.mark.parametrize("infos, message", [
+    ([_tensor_info(b"w", [32], n_dims=5)], "5 dimensions"),
+    ([_tensor_info(b"w", [32, 2**62])], "overflow int64"),
+    ([_tensor_info(b"w", [32, 2**32, 2**32])], "overflow int64"),
+    ([_tensor_info(b"w", [32, 2**40])], "beyond the end of the file"),
+    ([_tensor_info(b"w" * 64, [32])], "too long"),
+    ([_tensor_info(b"w\xff", [32])], "not valid UTF-8"),
+    ([_tensor_info(b"a", [32]), _tensor_info(b"b", [32])], "tensors 'a' and 'b' both start at data offset 0"),
+    ([_tensor_info(b"a", [32, 2]), _tensor_info(b"b", [32], offset=128)],
+     r"tensor 'a' \(F32, shape \(32, 2\), 256 bytes at file offset \d+\) overlaps tensor 'b'"),
+])
+def test_tensor_infos_and_overlaps(tmp_path, infos, message):
+    p = tmp_path / "bad.gguf"
+    p.write_bytes(_raw_gguf(_ARCH, 1, len(infos), b"".join(infos), pad=512))
+    with pytest.raises(GGUFError, match=message):
+        GGUFFile(p)
+
+
+def test_tensors_out_of_order_with_gaps_are_fine(tmp_path):
+    # ik_llama.cpp's gguf_init_from_file only asks for aligned, in-file, non-overlapping data
+    infos = [_tensor_info(b"a", [32], offset=256), _tensor_info(b"b", [32, 2], offset=0)]
+    p = tmp_path / "ok.gguf"
+    p.write_bytes(_raw_gguf(_ARCH, 1, 2, b"".join(infos), pad=512))
+    f = GGUFFile(p)
+    assert f.tensor("a").offset - f.tensor("b").offset == 256
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_fifo_and_directory_are_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "model.gguf"
+    os.mkfifo(fifo)
+    with pytest.raises(GGUFError, match="not a regular file \\(a FIFO\\)"):
+        GGUFFile(fifo)                     # would block forever in open() without the check
+    with pytest.raises(GGUFError, match="is a directory"):
+        GGUFFile(tmp_path)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs FIFOs")
+def test_quantize_refuses_fifo_source_and_output(tmp_path):
+    from evalkit.errors import EvalkitError
+    from evalkit.recipes import quantize_model
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    with pytest.raises(EvalkitError, match="a FIFO"):
+        quantize_model(fifo, tmp_path / "out.gguf", "Q8_0", progress=False)
+    with pytest.raises(EvalkitError, match="exists and is not a regular file"):
+        quantize_model(GG / "tiny-base.gguf", fifo, "Q8_0", progress=False)
+    with pytest.raises(EvalkitError, match="exists and is a directory"):
+        quantize_model(GG / "tiny-base.gguf", tmp_path, "Q8_0", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fifo"]
+
+
+def test_header_cache_hands_out_independent_copies(tmp_path):
+    p = tmp_path / "m.gguf"
+    p.write_bytes((GG / "tiny-base.gguf").read_bytes())
+    a = GGUFFile(p)
+    a.metadata["general.name"] = "changed"
+    a.metadata["tokenizer.ggml.tokens"].append("extra")
+    del a.tensors["output.weight"]
+    b = GGUFFile(p)
+    assert b.metadata["general.name"] == "tiny-random-llama" and len(b.metadata["tokenizer.ggml.tokens"]) == 49152
+    assert "output.weight" in b.tensors
+    # a rewritten file is parsed again
+    f = GGUFFile(GG / "tiny-base.gguf")
+    specs = [TensorSpec(t.name, t.shape, t.type_id) for t in f.tensors.values()]
+    write_gguf(p, {**f.metadata, "general.name": "rewritten"}, specs, lambda s: f.tensor_bytes(s.name),
+               f.metadata_types)
+    assert GGUFFile(p).metadata["general.name"] == "rewritten"
+
+
+def test_quantize_names_tensor_row_and_column_of_nan(tmp_path):
+    from evalkit.recipes import quantize_model
+    from evalkit.recipes.model_quantizer import NonFiniteWeightError
+
+    f = GGUFFile(GG / "tiny-base.gguf")
+    specs = [TensorSpec(t.name, t.shape, t.type_id) for t in f.tensors.values()]
+    for name, dtype, (r, c), value in [("blk.1.ffn_norm.weight", np.float32, (0, 9), np.inf),
+                                       ("blk.0.attn_v.weight", np.float16, (100, 3), np.nan)]:
+        def data(s, name=name, dtype=dtype, r=r, c=c, value=value):
+            raw = np.array(f.tensor_bytes(s.name))
+            if s.name == name:
+                raw.view(dtype)[r, c] = value
+            return raw
+        src = tmp_path / f"{name}.gguf"
+        write_gguf(src, f.metadata, specs, data, f.metadata_types)
+        for ftype in ("Q8_0", "F32"):
+            with pytest.raises(NonFiniteWeightError, match=rf"'{name}' \(\w+\) holds a non-finite weight "
+                                                           rf"\S+ at row {r}, column {c}"):
+                quantize_model(src, tmp_path / "out.gguf", ftype, threads=2, progress=False)
+            assert not (tmp_path / "out.gguf").exists()

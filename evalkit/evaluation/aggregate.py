@@ -32,6 +32,7 @@ class VariantTotals:
     statistics: dict
     seconds: float = 0.0
     tokens: int = 0
+    n_chunks: int = 0           # chunks it was scored on (fewer than the run's when limited)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -70,12 +71,14 @@ def aggregate(store: ChunkStore, n_chunks: int, variant_names: list[str], n_ctx:
             running.append(base_acc.add(d["base_nll"]))
             base_seconds += float(d["base_seconds"])
             for i, name in enumerate(variant_names):
+                if f"v{i}_kld" not in d.files:      # a variant limited to fewer chunks
+                    continue
                 kt = KLDTokens(**{f: d[f"v{i}_{f}"] for f in KLD_FIELDS})
                 parts[i].append(kt)
                 seconds[i] += float(d[f"v{i}_seconds"])
                 frames.append(_token_frame(name, k, targets_pos, d["targets"], kt))
     base = BaseTotals(base_acc.final(), running, base_acc.count, base_seconds)
-    variants = [VariantTotals(name, kld_statistics(parts[i]), seconds[i], n_chunks * n_ctx)
+    variants = [VariantTotals(name, kld_statistics(parts[i]), seconds[i], len(parts[i]) * n_ctx, len(parts[i]))
                 for i, name in enumerate(variant_names)]
     tokens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not tokens.empty:

@@ -23,7 +23,13 @@ def tokenizer_for(path: Path):
     if Path(path).is_dir():
         return Tokenizer.from_hf_dir(path)
     with GGUFFile(path) as f:
-        return Tokenizer.from_gguf_metadata(f.metadata)
+        try:
+            return Tokenizer.from_gguf_metadata(f.metadata)
+        except (ValueError, TypeError) as e:   # e.g. token types or special ids of the wrong type
+            from evalkit.model.tokenizer import TokenizerError
+            if isinstance(e, TokenizerError):
+                raise
+            raise TokenizerError(f"{path}: unusable tokenizer metadata: {e}") from None
 
 
 @dataclass

@@ -6,7 +6,7 @@ each finished chunk is saved to the :class:`~evalkit.evaluation.store.ChunkStore
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 
@@ -46,22 +46,56 @@ def _base_chunks(cc: ChunkedCorpus, group: list[int], arrays: dict, rows, second
     return bases
 
 
+class _Limited:
+    """A forward callable evaluated only on the chunks below ``limit`` (a variant scored on the
+    chunks its logits file holds): returns one entry per chunk of the group, None where skipped."""
+
+    def __init__(self, fn: ForwardFn, limit: int, group: list):
+        self.fn, self.limit, self.group = fn, limit, group
+        self.seconds = 0.0              # per evaluated chunk, of the last call
+
+    def __call__(self, tokens: np.ndarray) -> list:
+        import time
+        sel = [j for j, k in enumerate(self.group) if k < self.limit]
+        out: list = [None] * len(self.group)
+        if sel:
+            t0 = time.perf_counter()
+            rows = self.fn(tokens[np.asarray(sel)])
+            self.seconds = (time.perf_counter() - t0) / len(sel)
+            for i, j in enumerate(sel):
+                out[j] = rows[i]
+        return out
+
+
 def run_kld_pass(cc: ChunkedCorpus, store: ChunkStore, todo: Sequence[int], per_call: int,
                  base: ForwardFn | None, variants: Sequence[tuple[str, ForwardFn]], base_file=None,
-                 want_records: bool = False, progress: bool = False, desc: str = "chunks") -> None:
-    """Evaluate chunks ``todo``: ``base`` (None: read ``base_file``) and each ``(name, forward)``."""
-    names = {_variant_key(i): name for i, (name, _) in enumerate(variants)}
-    forwards = ([(BASE_KEY, base)] if base is not None else []) + [
-        (_variant_key(i), fn) for i, (_, fn) in enumerate(variants)]
+                 want_records: bool = False, progress: bool = False, desc: str = "chunks",
+                 limits: Mapping[str, int] | None = None) -> None:
+    """Evaluate chunks ``todo``: ``base`` (None: read ``base_file``) and each ``(name, forward)``.
+
+    ``limits`` maps a variant name to the number of leading chunks it is scored on (chunks
+    beyond it get no arrays for that variant); the others are scored on every chunk.
+    """
+    limits = limits or {}
+    group_now: list = []            # the group being evaluated, seen by the limited callables
+    wrapped = [(name, _Limited(fn, limits[name], group_now) if name in limits else fn) for name, fn in variants]
+    names = {_variant_key(i): name for i, (name, _) in enumerate(wrapped)}
+    fns = {_variant_key(i): fn for i, (_, fn) in enumerate(wrapped)}
+    forwards = ([(BASE_KEY, base)] if base is not None else []) + list(fns.items())
     records = store if want_records else None
     for group, outputs in evaluate(forwards, cc.chunks, todo, per_call, progress, desc):
+        group_now[:] = group
         arrays = {k: {"targets": cc.targets(k).astype(np.int32)} for k in group}
         bases = _base_chunks(cc, group, arrays, None, 0.0, base_file, None) if base is None else None
         for key, rows, seconds in outputs:
             if key == BASE_KEY:
                 bases = _base_chunks(cc, group, arrays, rows, seconds, None, records)
                 continue
+            if isinstance(fns[key], _Limited):
+                seconds = fns[key].seconds
             for j, k in enumerate(group):
+                if rows[j] is None:
+                    continue
                 st = score_variant(names[key], bases[j], rows[j], arrays[k]["targets"], k,
                                    cc.window.first_row)
                 arrays[k][f"{key}_seconds"] = np.float64(seconds)

@@ -45,8 +45,9 @@ def vocab_of(path: Path) -> tuple[int, list[str] | None]:
     from evalkit.gguf import GGUFFile
     with GGUFFile(path) as f:
         t = f.tensors.get("token_embd.weight")
-        if t is None:
-            raise RunError(f"{path}: no token_embd.weight tensor")
+        if t is None or len(t.shape) != 2:
+            raise RunError(f"{path}: no 2-D token_embd.weight tensor"
+                           + (f" (shape {tuple(t.shape)})" if t is not None else ""))
         return int(t.shape[1]), f.get("tokenizer.ggml.tokens")
 
 
@@ -66,11 +67,21 @@ def check_same_vocab(base: Path, variant: Path, name: str) -> None:
                                f"({b!r} vs {a!r})")
 
 
+def _variant_imatrix(v, base: ModelEntry, folder: Path, resolve, threads, progress) -> str | None:
+    """The variant's imatrix file: the one configured, or one computed from the base over the
+    configured corpus and cached in ``folder`` (``<out>/imatrix/``)."""
+    if v.imatrix is None or isinstance(v.imatrix, str):
+        im_path = resolve(v.imatrix) if v.imatrix else None
+        if im_path and not Path(im_path).is_file():
+            raise RunError(f"variant {v.name!r}: imatrix file {im_path} not found")
+        return im_path
+    from evalkit.imatrix_tools.run_cache import cached_imatrix
+    return str(cached_imatrix(v.imatrix, v.name, base, folder, resolve, threads, progress))
+
+
 def _quantized_variant(v, base: ModelEntry, models: Path, resolve, threads, progress) -> Path:
     from evalkit.recipes.model_quantizer import quantize_model
-    im_path = resolve(v.imatrix) if v.imatrix else None
-    if im_path and not Path(im_path).is_file():
-        raise RunError(f"variant {v.name!r}: imatrix file {im_path} not found")
+    im_path = _variant_imatrix(v, base, models.parent / "imatrix", resolve, threads, progress)
     fp = fingerprint({**v.recipe_key(), "base": base.sha256, "format": RECIPE_FORMAT,
                       "imatrix": sha256_file(im_path) if im_path else None})
     models.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,45 @@ from evalkit.files import atomic_write_text, json_default
 __all__ = ["results_dict", "write_base_logits_file", "write_outputs", "write_results_json"]
 
 
-def results_dict(config: dict, cc: ChunkedCorpus, base: ModelEntry, variants: list[ModelEntry],
+def _component_figures(vt) -> dict[str, Any]:
+    """One component's share of the decomposition: its headline statistics (no timings, so
+    that a resumed run's results are identical; the primary's ``tokens_per_s`` has them)."""
+    st = vt.statistics
+    return {"kld_mean": st["kld_mean"], "same_top_p": st["same_top_p"], "ppl": st["ppl"],
+            "n_tokens": st.get("n_tokens"), "n_chunks": vt.n_chunks}
+
+
+def _backend_section(vr, by_entry: dict, tokens) -> dict[str, Any]:
+    """``backend``, ``decomposition`` and (with a logits file) ``backend_verdict`` of a variant."""
+    from evalkit.backend.verdict import paired_verdict
+    spec = vr.spec
+    sec: dict[str, Any] = {"backend": spec.backend, "backend_threads": vr.backend_threads,
+                           "ubatch": spec.ubatch if spec.backend != "exact" else None,
+                           "logits": str(spec.logits) if spec.logits else None,
+                           "decomposition": {c.kind: _component_figures(by_entry[c.entry]) for c in vr.components}}
+    kinds = {c.kind: c.entry for c in vr.components}
+    if "measured" in kinds:
+        emulated = kinds.get(spec.backend) if spec.backend != "exact" else None
+        if emulated is None:
+            sec["backend_verdict"] = None
+            sec["backend_verdict_detail"] = {"reason": "no emulated backend to compare the measured logits "
+                                                       "with (set the variant's backend, e.g. ik-cpu)"}
+        else:
+            frame = tokens[tokens["variant"].isin([kinds["measured"], emulated])]
+            sec["backend_verdict"], sec["backend_verdict_detail"] = paired_verdict(
+                frame[frame["variant"] == kinds["measured"]], frame[frame["variant"] == emulated])
+            sec["backend_verdict_detail"]["against"] = spec.backend
+    return sec
+
+
+def results_dict(config: dict, cc: ChunkedCorpus, base: ModelEntry, runs: list,
                  totals: RunTotals, logits_file: Path | None, wall_time_s: float) -> dict[str, Any]:
-    """The JSON-able results of a run (the stable ``results.json`` schema)."""
+    """The JSON-able results of a run (the stable ``results.json`` schema).
+
+    ``runs`` are the pipeline's :class:`~evalkit.pipeline.VariantRun` (a variant, its model
+    and the components it was evaluated through); ``variants.<name>`` holds the primary
+    component's statistics plus the backend section (decomposition, verdict).
+    """
     import torch
 
     import evalkit
@@ -41,11 +77,14 @@ def results_dict(config: dict, cc: ChunkedCorpus, base: ModelEntry, variants: li
                  "logits_file": str(logits_file) if logits_file is not None else None},
         "variants": {},
     }
-    for entry, vt in zip(variants, totals.variants):
+    by_entry = {vt.name: vt for vt in totals.variants}
+    for vr in runs:
+        entry, vt = vr.model, by_entry[vr.primary.entry]
         stats = dict(vt.statistics)
         stats.update({"model": str(entry.path), "sha256": entry.sha256, "size_bytes": entry.size_bytes,
-                      "bpw": entry.bpw, "tokens_per_s": vt.tokens_per_s})
-        results["variants"][vt.name] = stats
+                      "bpw": entry.bpw, "tokens_per_s": vt.tokens_per_s if vr.primary.kind != "measured" else None})
+        stats.update(_backend_section(vr, by_entry, totals.tokens))
+        results["variants"][vr.spec.name] = stats
     results["wall_time_s"] = wall_time_s
     return results
 

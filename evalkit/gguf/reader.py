@@ -4,11 +4,19 @@ The pip ``gguf`` package cannot size tensors of the IQK types (ids 137..158, Q6_
 its size table lacks them and ignores the per-row header of the KS/KL/KT types), so the
 header is parsed here with gguf's value-type constants and sizes come from
 ``evalkit.formats``.
+
+Every count in the header is bounded by what the file can hold before anything is
+allocated for it, and every tensor's bytes must lie inside the file without overlapping
+another tensor's, so a hostile or corrupt file ends in a :class:`GGUFError` naming the
+file and the problem, never in a huge allocation, a hang or a traceback.
 """
 from __future__ import annotations
 
 import mmap
+import os
+import stat
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +31,15 @@ __all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_DEFAULT_ALIGNMENT"]
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
+GGML_MAX_DIMS = 4
+GGML_MAX_NAME = 64          # ggml's tensor name buffer, NUL included
+_INT64_MAX = 2**63 - 1
+# The fewest bytes one entry can take on disk, to bound the header's counts by the file
+# size before reading them: a metadata entry is key length + value type + a 1-byte value,
+# a tensor info name length + n_dims + one dimension + type + offset.
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8
+_U64 = struct.Struct("<Q")
 
 # struct format and numpy dtype of each GGUF value type (shared with the writer)
 SCALAR_FORMATS = {
@@ -37,6 +54,10 @@ NUMPY_DTYPES = {
     GGUFValueType.FLOAT32: "<f4", GGUFValueType.BOOL: "?", GGUFValueType.UINT64: "<u8",
     GGUFValueType.INT64: "<i8", GGUFValueType.FLOAT64: "<f8",
 }
+INTEGER_TYPES = frozenset({
+    GGUFValueType.UINT8, GGUFValueType.INT8, GGUFValueType.UINT16, GGUFValueType.INT16,
+    GGUFValueType.UINT32, GGUFValueType.INT32, GGUFValueType.UINT64, GGUFValueType.INT64,
+})
 
 
 class GGUFError(EvalkitError, ValueError):
@@ -77,14 +98,26 @@ class TensorInfo:
         return self.n_per_row * self.nrows
 
 
+def _type_name(vtype: int) -> str:
+    try:
+        return GGUFValueType(vtype).name
+    except ValueError:
+        return f"type {vtype}"
+
+
 class _Cursor:
     """Bounds-checked little-endian reader over a bytes-like buffer."""
 
     def __init__(self, buf, path: str):
         self.buf, self.pos, self.path = buf, 0, path
 
+    @property
+    def left(self) -> int:
+        """Bytes from the cursor to the end of the file."""
+        return len(self.buf) - self.pos
+
     def take(self, n: int, what: str) -> memoryview:
-        if n < 0 or self.pos + n > len(self.buf):
+        if n < 0 or n > self.left:
             raise GGUFError(f"{self.path}: truncated file: {what} needs {n} bytes at offset {self.pos}, "
                             f"file has {len(self.buf)}")
         mv = memoryview(self.buf)[self.pos:self.pos + n]
@@ -94,38 +127,132 @@ class _Cursor:
     def scalar(self, fmt: str, what: str):
         return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))[0]
 
-    def string(self, what: str) -> str:
+    def string(self, what: str, strict: bool = False) -> str:
+        """A length-prefixed string; ``strict``: it must be UTF-8 (keys and tensor names are looked up)."""
+        start = self.pos
         n = self.scalar("<Q", what + " length")
+        if n > self.left:
+            raise GGUFError(f"{self.path}: {what} at offset {start} claims {n} bytes, but only {self.left} "
+                            "remain in the file: corrupt or truncated")
         raw = bytes(self.take(n, what))
         try:
             return raw.decode("utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:
+            if strict:
+                raise GGUFError(f"{self.path}: {what} at offset {start} is not valid UTF-8 "
+                                f"({raw[:48]!r}: {e.reason} at byte {e.start})") from None
             return raw.decode("utf-8", errors="replace")
 
     def value(self, vtype: int, key: str) -> Any:
-        try:
-            vt = GGUFValueType(vtype)
-        except ValueError:
-            raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}") from None
-        if vt == GGUFValueType.STRING:
+        """One metadata value of GGUF type ``vtype`` (arrays hold scalars or strings, never arrays)."""
+        if vtype == GGUFValueType.STRING:
             return self.string(f"value of {key!r}")
-        if vt == GGUFValueType.ARRAY:
-            itype = self.scalar("<I", f"array type of {key!r}")
-            count = self.scalar("<Q", f"array length of {key!r}")
-            if itype in NUMPY_DTYPES:
-                dt = np.dtype(NUMPY_DTYPES[GGUFValueType(itype)])
-                arr = np.frombuffer(self.take(count * dt.itemsize, f"array {key!r}"), dtype=dt)
-                return arr.tolist()
-            if itype == GGUFValueType.STRING:
-                return [self.string(f"element of {key!r}") for _ in range(count)]
-            if itype == GGUFValueType.ARRAY:
-                return [self.value(GGUFValueType.ARRAY, key) for _ in range(count)]
+        if vtype == GGUFValueType.ARRAY:
+            return self.array(key)
+        if vtype in SCALAR_FORMATS:
+            return self.scalar(SCALAR_FORMATS[GGUFValueType(vtype)], f"value of {key!r}")
+        raise GGUFError(f"{self.path}: metadata key {key!r} has unknown value type {vtype}")
+
+    def array(self, key: str) -> list:
+        """An array value, its length bounded by the bytes left before any list is built."""
+        itype = self.scalar("<I", f"array type of {key!r}")
+        count = self.scalar("<Q", f"array length of {key!r}")
+        if itype == GGUFValueType.ARRAY:
+            # gguf_init_from_file rejects nested arrays too; refusing them here keeps the
+            # reader free of recursion whatever the nesting depth
+            raise GGUFError(f"{self.path}: metadata key {key!r} is an array of arrays (nested arrays are "
+                            "not supported by GGUF readers)")
+        if itype == GGUFValueType.STRING:
+            itemsize = 8                     # each string needs its 8-byte length at least
+        elif itype in NUMPY_DTYPES:
+            itemsize = np.dtype(NUMPY_DTYPES[GGUFValueType(itype)]).itemsize
+        else:
             raise GGUFError(f"{self.path}: metadata array {key!r} has unknown element type {itype}")
-        return self.scalar(SCALAR_FORMATS[vt], f"value of {key!r}")
+        if count * itemsize > self.left:
+            raise GGUFError(f"{self.path}: metadata array {key!r} claims {count} elements of "
+                            f"{_type_name(itype)}, more than the {self.left} bytes left in the file can hold")
+        if itype == GGUFValueType.STRING:
+            return self.string_array(count, key)
+        dt = np.dtype(NUMPY_DTYPES[GGUFValueType(itype)])
+        return np.frombuffer(self.take(count * dt.itemsize, f"array {key!r}"), dtype=dt).tolist()
+
+    def string_array(self, count: int, key: str) -> list[str]:
+        """``count`` strings (a vocabulary: 10^5 of them, hence the tight loop)."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = _U64.unpack_from
+        out = []
+        for i in range(count):
+            if pos + 8 > end:
+                self.pos = pos
+                self.take(8, f"length of element {i} of {key!r}")   # raises: truncated
+            (n,) = unpack(buf, pos)
+            pos += 8
+            if n > end - pos:
+                raise GGUFError(f"{self.path}: element {i} of metadata array {key!r} at offset {pos - 8} "
+                                f"claims {n} bytes, but only {end - pos} remain in the file")
+            out.append(str(buf[pos:pos + n], "utf-8", "replace"))
+            pos += n
+        self.pos = pos
+        return out
 
 
-def _array_type(cur: _Cursor) -> int:
-    return cur.scalar("<I", "array type")
+@dataclass(frozen=True)
+class _Header:
+    """Everything parsed from one file's header (what :class:`GGUFFile` keeps besides the map)."""
+
+    version: int
+    alignment: int
+    data_offset: int
+    metadata: dict[str, Any]
+    metadata_types: dict[str, tuple[int, int | None]]
+    tensors: dict[str, TensorInfo]
+
+
+# Parsed headers of the last few files opened, keyed by the file's identity and change
+# times: ``evalkit run`` opens the same base model four times (tokenizer, size, vocabulary
+# check, model), and a 150k-token vocabulary takes a tenth of a second to parse each time.
+_HEADER_CACHE: dict[tuple, _Header] = {}
+_HEADER_CACHE_SIZE = 4
+_HEADER_CACHE_LOCK = threading.Lock()
+
+
+def _cache_key(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _open_regular(path: str) -> tuple[Any, os.stat_result]:
+    """(binary file object, its fstat) of ``path``, which must be a non-empty regular file.
+
+    A FIFO or a character device would block the open or the read forever (or never end),
+    so the kind of file is checked with ``os.stat`` before opening, and again on the
+    descriptor (opened non-blocking) in case the path was swapped in between.
+    """
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot open: {e.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise GGUFError(f"{path}: is a directory, not a GGUF file")
+    if not stat.S_ISREG(st.st_mode):
+        raise GGUFError(f"{path}: not a regular file ({_file_kind(st.st_mode)}), not a GGUF file")
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise GGUFError(f"{path}: cannot open: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise GGUFError(f"{path}: not a regular file ({_file_kind(st.st_mode)}), not a GGUF file")
+    if st.st_size == 0:
+        os.close(fd)
+        raise GGUFError(f"{path}: empty file, not a GGUF model")
+    return os.fdopen(fd, "rb"), st
+
+
+def _file_kind(mode: int) -> str:
+    kinds = [(stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    return next((name for test, name in kinds if test(mode)), "not a plain file")
 
 
 class GGUFFile:
@@ -138,85 +265,159 @@ class GGUFFile:
 
     def __init__(self, path: str | Path):
         self.path = str(path)
+        self._fh, st = _open_regular(self.path)
         try:
-            self._fh = open(self.path, "rb")
-        except OSError as e:
-            raise GGUFError(f"{self.path}: cannot open: {e.strerror}") from None
-        size = Path(self.path).stat().st_size
-        if size == 0:
+            self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+        except (OSError, ValueError) as e:
             self._fh.close()
-            raise GGUFError(f"{self.path}: empty file, not a GGUF model")
-        self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
+            raise GGUFError(f"{self.path}: cannot map the file: {e}") from None
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)
         try:
-            self._parse()
+            self._load_header(_cache_key(st))
         except Exception:
             self.close()
             raise
 
     # -- parsing ---------------------------------------------------------------
+    def _load_header(self, key: tuple) -> None:
+        """Parse the header, or take it from the cache when this very file was parsed before."""
+        with _HEADER_CACHE_LOCK:
+            h = _HEADER_CACHE.pop(key, None)
+        if h is None:
+            self._parse()
+            h = _Header(self.version, self.alignment, self.data_offset, self.metadata, self.metadata_types,
+                        self.tensors)
+        with _HEADER_CACHE_LOCK:
+            _HEADER_CACHE[key] = h                 # most recently used last
+            while len(_HEADER_CACHE) > _HEADER_CACHE_SIZE:
+                del _HEADER_CACHE[next(iter(_HEADER_CACHE))]
+        # every instance gets its own containers: a caller editing them cannot reach the cache
+        self.version, self.alignment, self.data_offset = h.version, h.alignment, h.data_offset
+        self.metadata = {k: list(v) if isinstance(v, list) else v for k, v in h.metadata.items()}
+        self.metadata_types = dict(h.metadata_types)
+        self.tensors = dict(h.tensors)
+
     def _parse(self) -> None:
         cur = _Cursor(self._mm, self.path)
-        magic = bytes(cur.take(4, "magic")) if len(self._mm) >= 4 else b""
-        if magic != GGUF_MAGIC:
-            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-        self.version = cur.scalar("<I", "version")
-        if self.version not in (2, 3):
-            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (only 2 and 3)")
-        n_tensors = cur.scalar("<Q", "tensor count")
-        n_kv = cur.scalar("<Q", "metadata count")
-        if n_tensors > len(self._mm) // 8 or n_kv > len(self._mm) // 8:
-            raise GGUFError(f"{self.path}: implausible header counts ({n_tensors} tensors, {n_kv} keys)")
-        self.metadata: dict[str, Any] = {}
-        self.metadata_types: dict[str, tuple[int, int | None]] = {}
-        for _ in range(n_kv):
-            key = cur.string("metadata key")
-            vtype = cur.scalar("<I", f"type of {key!r}")
-            itype = None
-            if vtype == GGUFValueType.ARRAY:
-                save = cur.pos
-                itype = cur.scalar("<I", f"array type of {key!r}")
-                cur.pos = save
-            if key in self.metadata:
-                raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
-            self.metadata[key] = cur.value(vtype, key)
-            self.metadata_types[key] = (vtype, itype)
-        self.alignment = int(self.metadata.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
-        if self.alignment <= 0 or self.alignment & (self.alignment - 1):
-            raise GGUFError(f"{self.path}: general.alignment {self.alignment} is not a power of two")
-        raw = []
-        for _ in range(n_tensors):
-            name = cur.string("tensor name")
-            n_dims = cur.scalar("<I", f"dimension count of {name!r}")
-            if not 1 <= n_dims <= 4:
-                raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..4 allowed)")
-            shape = tuple(cur.scalar("<Q", f"shape of {name!r}") for _ in range(n_dims))
-            type_id = cur.scalar("<I", f"type of {name!r}")
-            offset = cur.scalar("<Q", f"offset of {name!r}")
-            raw.append((name, shape, type_id, offset))
-        data_start = -(-cur.pos // self.alignment) * self.alignment
-        self.data_offset = data_start
+        n_tensors, n_kv = self._parse_header(cur)
+        self._parse_metadata(cur, n_kv)
+        self.alignment = self._parse_alignment()
+        raw = [self._parse_tensor_info(cur) for _ in range(n_tensors)]
+        self.data_offset = -(-cur.pos // self.alignment) * self.alignment
+        if raw and self.data_offset > len(self._mm):
+            raise GGUFError(f"{self.path}: the tensor data would start at offset {self.data_offset} "
+                            f"(alignment {self.alignment}), past the end of the file ({len(self._mm)} bytes)")
         self.tensors: dict[str, TensorInfo] = {}
         for name, shape, type_id, offset in raw:
             if name in self.tensors:
                 raise GGUFError(f"{self.path}: duplicate tensor name {name!r}")
-            fmt = FORMATS_BY_ID.get(type_id)
-            if fmt is None:
-                raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type id {type_id}")
-            if any(d <= 0 for d in shape):
-                raise GGUFError(f"{self.path}: tensor {name!r} has an empty dimension in shape {shape}")
-            if shape[0] % fmt.block_size:
-                raise GGUFError(f"{self.path}: tensor {name!r}: row length {shape[0]} is not a multiple of "
-                                f"{fmt.name}'s block size {fmt.block_size}")
-            if offset % self.alignment:
-                raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not aligned to "
-                                f"{self.alignment}")
-            nbytes = fmt.tensor_bytes(shape)
-            start = data_start + offset
-            if start + nbytes > len(self._mm):
-                raise GGUFError(f"{self.path}: tensor {name!r} data [{start}, {start + nbytes}) lies beyond the "
-                                f"end of the file ({len(self._mm)} bytes): truncated or corrupt")
-            self.tensors[name] = TensorInfo(name, shape, type_id, start, nbytes)
+            self.tensors[name] = self._place_tensor(name, shape, type_id, offset)
+        self._check_no_overlap()
+
+    def _parse_header(self, cur: _Cursor) -> tuple[int, int]:
+        """Magic, version, and the two counts, bounded by what the file can hold."""
+        magic = bytes(cur.take(4, "magic")) if len(self._mm) >= 4 else bytes(self._mm[:])
+        if magic != GGUF_MAGIC:
+            raise GGUFError(f"{self.path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        self.version = cur.scalar("<I", "version")
+        if self.version and not self.version & 0xFFFF:
+            # as gguf_init_from_file: a byte-swapped small version means a big-endian file
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is implausibly large: the file was "
+                            "written with the other byte order (big-endian)")
+        if self.version not in (2, 3):
+            raise GGUFError(f"{self.path}: GGUF version {self.version} is not supported (only 2 and 3)")
+        n_tensors = cur.scalar("<Q", "tensor count")
+        n_kv = cur.scalar("<Q", "metadata count")
+        left = cur.left
+        for what, n, least in (("tensor", n_tensors, _MIN_TENSOR_INFO_BYTES), ("metadata", n_kv, _MIN_KV_BYTES)):
+            if n > left // least:
+                raise GGUFError(f"{self.path}: the header's {what} count {n} is more than the file can hold "
+                                f"({left // least} at most in its {left} remaining bytes): truncated or corrupt")
+        if n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > left:
+            raise GGUFError(f"{self.path}: the header's counts ({n_tensors} tensors, {n_kv} metadata entries) "
+                            f"are more than the file's {left} remaining bytes can hold: truncated or corrupt")
+        return n_tensors, n_kv
+
+    def _parse_metadata(self, cur: _Cursor, n_kv: int) -> None:
+        self.metadata: dict[str, Any] = {}
+        self.metadata_types: dict[str, tuple[int, int | None]] = {}
+        for i in range(n_kv):
+            key = cur.string(f"metadata key #{i}", strict=True)
+            vtype = cur.scalar("<I", f"type of {key!r}")
+            itype = None
+            if vtype == GGUFValueType.ARRAY:
+                itype = struct.unpack("<I", cur.take(4, f"array type of {key!r}"))[0]
+                cur.pos -= 4
+            if key in self.metadata:
+                raise GGUFError(f"{self.path}: duplicate metadata key {key!r}")
+            self.metadata[key] = cur.value(vtype, key)
+            self.metadata_types[key] = (vtype, itype)
+
+    def _parse_alignment(self) -> int:
+        """general.alignment: an unsigned integer power of two (gguf_init_from_file's rule)."""
+        if "general.alignment" not in self.metadata:
+            return GGUF_DEFAULT_ALIGNMENT
+        value = self.metadata["general.alignment"]
+        vtype = self.metadata_types["general.alignment"][0]
+        if vtype not in INTEGER_TYPES:
+            raise GGUFError(f"{self.path}: general.alignment must be an unsigned integer, got a "
+                            f"{_type_name(vtype)} value {str(value)[:40]}")
+        if value <= 0 or value & (value - 1):
+            raise GGUFError(f"{self.path}: general.alignment {value} is not a power of two")
+        return int(value)
+
+    def _parse_tensor_info(self, cur: _Cursor) -> tuple[str, tuple[int, ...], int, int]:
+        """One tensor info: name, dims (count checked before they are read), type id, offset."""
+        name = cur.string("tensor name", strict=True)
+        if len(name.encode("utf-8")) >= GGML_MAX_NAME:
+            raise GGUFError(f"{self.path}: tensor name {name[:80]!r} is too long: "
+                            f"{len(name.encode('utf-8'))} bytes, ggml allows {GGML_MAX_NAME - 1}")
+        n_dims = cur.scalar("<I", f"dimension count of {name!r}")
+        if not 1 <= n_dims <= GGML_MAX_DIMS:
+            raise GGUFError(f"{self.path}: tensor {name!r} has {n_dims} dimensions (1..{GGML_MAX_DIMS} allowed)")
+        shape = struct.unpack(f"<{n_dims}Q", cur.take(8 * n_dims, f"shape of {name!r}"))
+        type_id = cur.scalar("<I", f"type of {name!r}")
+        offset = cur.scalar("<Q", f"offset of {name!r}")
+        return name, shape, type_id, offset
+
+    def _place_tensor(self, name: str, shape: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
+        """Check one tensor's type, shape and data range (inside the file) and make its entry."""
+        fmt = FORMATS_BY_ID.get(type_id)
+        if fmt is None:
+            raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type id {type_id}")
+        if any(d == 0 for d in shape):
+            raise GGUFError(f"{self.path}: tensor {name!r} has an empty dimension in shape {shape}")
+        n = 1
+        for d in shape:
+            n *= d
+        if n > _INT64_MAX:
+            # ggml counts elements in int64_t (gguf_init_from_file checks the same overflow)
+            raise GGUFError(f"{self.path}: tensor {name!r} has shape {shape}: {n} elements overflow int64")
+        if shape[0] % fmt.block_size:
+            raise GGUFError(f"{self.path}: tensor {name!r}: row length {shape[0]} is not a multiple of "
+                            f"{fmt.name}'s block size {fmt.block_size}")
+        if offset % self.alignment:
+            raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not aligned to "
+                            f"{self.alignment}")
+        nbytes = fmt.tensor_bytes(shape)
+        start = self.data_offset + offset
+        if start + nbytes > len(self._mm):
+            raise GGUFError(f"{self.path}: tensor {name!r} ({fmt.name}, shape {shape}) data [{start}, "
+                            f"{start + nbytes}) lies beyond the end of the file ({len(self._mm)} bytes): "
+                            "truncated or corrupt")
+        return TensorInfo(name, tuple(shape), type_id, start, nbytes)
+
+    def _check_no_overlap(self) -> None:
+        """No two tensors may share bytes: each one's data must end before the next one starts."""
+        by_start = sorted(self.tensors.values(), key=lambda t: (t.offset, t.name))
+        for a, b in zip(by_start, by_start[1:]):
+            if a.offset == b.offset:
+                raise GGUFError(f"{self.path}: tensors {a.name!r} and {b.name!r} both start at data offset "
+                                f"{a.offset - self.data_offset}: their data overlap")
+            if a.offset + a.nbytes > b.offset:
+                raise GGUFError(f"{self.path}: tensor {a.name!r} ({a.type_name}, shape {a.shape}, {a.nbytes} "
+                                f"bytes at file offset {a.offset}) overlaps tensor {b.name!r} starting at "
+                                f"{b.offset}: its type and shape do not fit the space before it")
 
     # -- access ----------------------------------------------------------------
     def tensor(self, name: str) -> TensorInfo:

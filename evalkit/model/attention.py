@@ -10,12 +10,18 @@ multiple of 16 it runs the C kernel (kernels/attention.c) on torch's own thread 
 kernel fuses scores, mask, softmax and P V per block of queries, so the scores never
 leave L2 and no layout copies are made: on SmolLM2's shapes about 1.7x faster than the
 torch path at 2 threads and 2.3x at 1 thread (bench/forward.py).
+
+On a non-CPU device (or on the CPU when forced, see :mod:`evalkit.devices`) the op runs
+torch's ``scaled_dot_product_attention`` on the tensors' device instead (the fused
+kernels of a GPU), with the causal mask aligned to the last query positions.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from evalkit import _kernels
+from evalkit.devices import use_torch_kernels
 from evalkit.model.team import team
 
 __all__ = ["causal_attention", "CausalAttention", "kernel_available"]
@@ -52,6 +58,27 @@ def _torch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: 
         o5[:, s - q_from:e - q_from] = o.view(B, Hkv, n, G, D).permute(0, 2, 1, 3, 4)
 
 
+def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: int, out: torch.Tensor) -> None:
+    """The same maths through torch's scaled_dot_product_attention (the device path).
+
+    Heads move in front of positions; each kv head is repeated for its G query heads (SDPA's
+    own GQA support depends on the backend). Query t (from q_from on) sees keys s <= t: for
+    q_from = 0 that is SDPA's causal mask, otherwise an explicit mask whose diagonal is
+    offset by q_from (SDPA's is_causal aligns queries to the first keys, not the last).
+    """
+    B, T, H, D = q.shape
+    G = H // k.shape[2]
+    qh = q[:, q_from:].transpose(1, 2)                                                # (B, H, T', D)
+    kh = k.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else k.transpose(1, 2)   # (B, H, T, D)
+    vh = v.transpose(1, 2).repeat_interleave(G, dim=1) if G > 1 else v.transpose(1, 2)
+    if q_from == 0:
+        o = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=D ** -0.5)
+    else:
+        mask = torch.ones(T - q_from, T, dtype=torch.bool, device=q.device).tril(q_from)
+        o = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=D ** -0.5)
+    out.copy_(o.transpose(1, 2))                                                      # (B, T', H, D)
+
+
 def _check(q, k, v, q_from, out) -> None:
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.dtype != torch.float32 or t.dim() != 4 or not t.is_contiguous():
@@ -76,6 +103,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: 
     B, T, H, D = q.shape
     if B == 0:
         return
+    if use_torch_kernels(q):
+        _sdpa_attention(q, k, v, q_from, out)
+        return
     if kernel_available(D):
         nthreads, runner = team()
         rc = _kernels.get_lib().ek_causal_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), B, T, H,
@@ -99,6 +129,6 @@ class CausalAttention:
         """q (B, T, H, D), k and v (B, T, Hkv, D) -> (B, T - q_from, H, D) (into ``out`` when given)."""
         B, T, H, D = q.shape
         if out is None:
-            out = torch.empty(B, T - q_from, H, D)
+            out = torch.empty(B, T - q_from, H, D, device=q.device)
         torch.ops.evalkit.causal_attention(q, k, v, q_from, out)
         return out

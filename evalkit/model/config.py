@@ -93,59 +93,46 @@ class ModelConfig:
 
         Reads ``{arch}.*`` keys as llama.cpp does; llama3-style frequency factors come from
         the ``rope_freqs.weight`` tensor, linear scaling from ``{arch}.rope.scaling.factor``
-        (or the older ``{arch}.rope.scale_linear``).
+        (or the older ``{arch}.rope.scale_linear``). Every value is checked (type, range,
+        consistency) before it is used, so bad metadata raises UnsupportedModelError naming
+        the key, never a ZeroDivisionError or a loop over a corrupt layer count.
         """
         from evalkit.gguf import GGUFFile
         if not isinstance(gguf, GGUFFile):
             gguf = GGUFFile(gguf)
         md = gguf.metadata
-        src = gguf.path
         arch = md.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise _unsupported_arch(arch, src)
+        if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+            raise _unsupported_arch(arch, gguf.path)
+        k = _GGUFKeys(md, arch, gguf.path)
 
-        def key(name: str, default: Any = ...) -> Any:
-            full = f"{arch}.{name}"
-            if full in md:
-                return md[full]
-            if default is ...:
-                raise UnsupportedModelError(f"{src}: required metadata key {full!r} is missing")
-            return default
-
-        def uniform(name: str, value: Any) -> int:
-            # Some converters store per-layer arrays; this forward needs one value for all.
-            if isinstance(value, list):
-                if not value or any(v != value[0] for v in value):
-                    raise UnsupportedModelError(f"{src}: per-layer {arch}.{name} values {value} are not "
-                                                "supported (they must all be equal)")
-                value = value[0]
-            return int(value)
-
-        n_embd = int(key("embedding_length"))
-        n_head = uniform("attention.head_count", key("attention.head_count"))
-        n_head_kv = uniform("attention.head_count_kv", key("attention.head_count_kv", n_head))
-        head_dim = int(key("attention.key_length", n_embd // n_head))
-        v_dim = int(key("attention.value_length", head_dim))
+        n_layer = k.integer("block_count")
+        _check_layer_count(gguf, k, n_layer)
+        n_embd = k.integer("embedding_length")
+        n_head = k.uniform_integer("attention.head_count")
+        n_head_kv = k.uniform_integer("attention.head_count_kv", n_head)
+        if n_head % n_head_kv:
+            raise k.error("attention.head_count_kv", f"{n_head_kv} does not divide {arch}.attention.head_count "
+                          f"{n_head}")
+        if f"{arch}.attention.key_length" not in md and n_embd % n_head:
+            raise k.error("attention.head_count", f"{n_head} does not divide {arch}.embedding_length {n_embd}")
+        head_dim = k.integer("attention.key_length", n_embd // n_head)
+        v_dim = k.integer("attention.value_length", head_dim)
         if v_dim != head_dim:
-            raise UnsupportedModelError(f"{src}: value head size {v_dim} differs from key head size {head_dim}")
-        n_ff = uniform("feed_forward_length", key("feed_forward_length"))
-        n_vocab = _gguf_vocab_size(gguf, arch)
-
-        freq_scale, freq_factors = _gguf_rope_scaling(gguf, key)
-
+            raise k.error("attention.value_length", f"value head size {v_dim} differs from the key head size "
+                                                    f"{head_dim}")
+        n_rot = k.integer("rope.dimension_count", head_dim, minimum=0)
+        if n_rot % 2 or n_rot > head_dim:
+            raise k.error("rope.dimension_count", f"{n_rot} must be even and at most the head size {head_dim}")
+        freq_scale, freq_factors = _gguf_rope_scaling(gguf, k)
         has = gguf.tensors.__contains__
         return cls(
-            arch=arch,
-            n_layer=int(key("block_count")),
-            n_embd=n_embd,
-            n_head=n_head,
-            n_head_kv=n_head_kv,
-            head_dim=head_dim,
-            n_ff=n_ff,
-            n_vocab=int(n_vocab),
-            rms_eps=float(key("attention.layer_norm_rms_epsilon", 1e-5)),
-            rope_base=float(key("rope.freq_base", 10000.0)),
-            n_rot=int(key("rope.dimension_count", head_dim)),
+            arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
+            n_ff=k.uniform_integer("feed_forward_length"),
+            n_vocab=_gguf_vocab_size(gguf, k),
+            rms_eps=k.number("attention.layer_norm_rms_epsilon", 1e-5),
+            rope_base=k.number("rope.freq_base", 10000.0, positive=True),
+            n_rot=n_rot,
             # llama's Q/K rows were permuted by the converter -> adjacent pairs; qwen: NEOX.
             rope_neox=ARCHITECTURES[arch].rope_neox,
             rope_freq_scale=freq_scale,
@@ -153,7 +140,7 @@ class ModelConfig:
             tied_embeddings=not has("output.weight"),
             qk_norm=has("blk.0.attn_q_norm.weight"),
             attn_bias=has("blk.0.attn_q.bias"),
-            n_ctx_train=int(key("context_length", 0)),
+            n_ctx_train=k.integer("context_length", 0, minimum=0),
         )
 
     # ------------------------------------------------------------------ HF
@@ -172,8 +159,8 @@ class ModelConfig:
         arch = HF_MODEL_TYPES.get(mt)
         if arch is None:
             raise _unsupported_arch(mt, str(path))
-        n_embd = int(cfg["hidden_size"])
-        n_head = int(cfg["num_attention_heads"])
+        n_embd = _hf_int(cfg, "hidden_size", path)
+        n_head = _hf_int(cfg, "num_attention_heads", path)     # positive: the division below is safe
         head_dim = int(cfg.get("head_dim") or n_embd // n_head)
         n_rot = int(head_dim * float(cfg.get("partial_rotary_factor", 1.0)))
         base = float(cfg.get("rope_theta", 10000.0))
@@ -191,13 +178,13 @@ class ModelConfig:
         attn_bias = arch == "qwen2" or bool(cfg.get("attention_bias", False))
         return cls(
             arch=arch,
-            n_layer=int(cfg["num_hidden_layers"]),
+            n_layer=_hf_int(cfg, "num_hidden_layers", path),
             n_embd=n_embd,
             n_head=n_head,
             n_head_kv=int(cfg.get("num_key_value_heads") or n_head),
             head_dim=head_dim,
-            n_ff=int(cfg["intermediate_size"]),
-            n_vocab=int(cfg["vocab_size"]),
+            n_ff=_hf_int(cfg, "intermediate_size", path),
+            n_vocab=_hf_int(cfg, "vocab_size", path),
             rms_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_base=base,
             n_rot=n_rot,
@@ -226,31 +213,105 @@ class ModelConfig:
         return shapes
 
 
-def _gguf_vocab_size(gguf, arch: str) -> int:
+class _GGUFKeys:
+    """Typed reads of one GGUF's ``{arch}.*`` keys; every error names the key and the file.
+
+    As llama.cpp's ``llama_model_loader::get_key``, a value of the wrong type is an error
+    (no float block counts, no string head counts), and counts must be positive.
+    """
+
+    def __init__(self, md: dict[str, Any], arch: str, src: str):
+        self.md, self.arch, self.src = md, arch, src
+
+    def error(self, name: str, problem: str) -> UnsupportedModelError:
+        """The error for key ``{arch}.name``."""
+        return UnsupportedModelError(f"{self.src}: metadata key {self.arch}.{name}: {problem}")
+
+    def raw(self, name: str, default: Any = ...) -> Any:
+        """The value as stored, ``default`` when absent (``...``: the key is required)."""
+        full = f"{self.arch}.{name}"
+        if full in self.md:
+            return self.md[full]
+        if default is ...:
+            raise UnsupportedModelError(f"{self.src}: required metadata key {full!r} is missing")
+        return default
+
+    def _int(self, name: str, value: Any, minimum: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, got {_describe(value)}")
+        if value < minimum:
+            raise self.error(name, f"must be {'positive' if minimum == 1 else f'at least {minimum}'}, "
+                                   f"got {value}")
+        return value
+
+    def integer(self, name: str, default: Any = ..., minimum: int = 1) -> int:
+        """An integer key, at least ``minimum``."""
+        return self._int(name, self.raw(name, default), minimum)
+
+    def uniform_integer(self, name: str, default: Any = ..., minimum: int = 1) -> int:
+        """An integer key that some converters store per layer; this forward needs one value for all."""
+        value = self.raw(name, default)
+        if isinstance(value, list):
+            if not value or any(v != value[0] for v in value):
+                raise self.error(name, f"per-layer values {str(value)[:80]} are not supported (they must "
+                                       "all be equal)")
+            value = value[0]
+        return self._int(name, value, minimum)
+
+    def number(self, name: str, default: Any, positive: bool = False) -> float:
+        """A finite non-negative number (``positive``: > 0)."""
+        value = self.raw(name, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.error(name, f"must be a number, got {_describe(value)}")
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            raise self.error(name, f"must be a finite {'positive' if positive else 'non-negative'} number, "
+                                   f"got {value}")
+        return float(value)
+
+
+def _describe(value: Any) -> str:
+    kind = {str: "a string", float: "a float", list: "an array", bool: "a bool"}.get(type(value), type(value).__name__)
+    return f"{kind} {str(value)[:40]!r}" if isinstance(value, (str, list)) else f"{kind} {value!r}"
+
+
+def _check_layer_count(gguf, k: _GGUFKeys, n_layer: int) -> None:
+    """``{arch}.block_count`` must match the ``blk.N`` layers present (llama.cpp's loader
+    reports missing tensors, then a wrong tensor count, for either mismatch)."""
+    layers = set()
+    for name in gguf.tensors:
+        head, _, rest = name.partition(".")
+        idx = rest.split(".", 1)[0]
+        if head == "blk" and idx.isdigit():
+            layers.add(int(idx))
+    if n_layer != len(layers):
+        found = f"blk.{min(layers)} … blk.{max(layers)}" if layers else "none"
+        raise k.error("block_count", f"{n_layer} layers declared but the file has tensors for "
+                                     f"{len(layers)} layers ({found})")
+
+
+def _gguf_vocab_size(gguf, k: _GGUFKeys) -> int:
     """{arch}.vocab_size, else the tokenizer's size, else token_embd's rows."""
     md = gguf.metadata
-    n_vocab = md.get(f"{arch}.vocab_size")
-    if n_vocab is None:
-        toks = md.get("tokenizer.ggml.tokens")
-        if toks:
-            n_vocab = len(toks)
-        elif "token_embd.weight" in gguf.tensors:
-            n_vocab = gguf.tensors["token_embd.weight"].shape[-1]
-        else:
-            raise UnsupportedModelError(f"{gguf.path}: cannot determine the vocabulary size "
-                                        f"(no {arch}.vocab_size, no tokenizer, no token_embd.weight)")
-    return int(n_vocab)
+    if f"{k.arch}.vocab_size" in md:
+        return k.integer("vocab_size")
+    toks = md.get("tokenizer.ggml.tokens")
+    if isinstance(toks, list) and toks:
+        return len(toks)
+    if "token_embd.weight" in gguf.tensors:
+        return int(gguf.tensors["token_embd.weight"].shape[-1])
+    raise UnsupportedModelError(f"{gguf.path}: cannot determine the vocabulary size "
+                                f"(no {k.arch}.vocab_size, no tokenizer, no token_embd.weight)")
 
 
-def _gguf_rope_scaling(gguf, key) -> tuple[float, tuple[float, ...] | None]:
+def _gguf_rope_scaling(gguf, k: _GGUFKeys) -> tuple[float, tuple[float, ...] | None]:
     """(freq_scale, llama3 frequency factors or None) from a GGUF's rope keys and rope_freqs tensor."""
     src = gguf.path
     # As llama.cpp: the factor (new key, else the old one) gives freq_scale = 1/factor;
     # the type defaults to "linear", and type "none" never scales.
-    scaling = str(key("rope.scaling.type", "linear") or "linear").lower()
-    factor = float(key("rope.scaling.factor", 0.0) or 0.0)
+    scaling = str(k.raw("rope.scaling.type", "linear") or "linear").lower()
+    factor = k.number("rope.scaling.factor", 0.0)
     if factor == 0.0:
-        factor = float(key("rope.scale_linear", 0.0) or 0.0)
+        factor = k.number("rope.scale_linear", 0.0)
     if factor == 0.0:
         factor = 1.0
     if scaling not in ("none", "linear") and not (scaling == "yarn" and factor == 1.0):
@@ -262,7 +323,20 @@ def _gguf_rope_scaling(gguf, key) -> tuple[float, tuple[float, ...] | None]:
     freq_factors = None
     if "rope_freqs.weight" in gguf.tensors:
         freq_factors = tuple(float(v) for v in gguf.dequantize("rope_freqs.weight").reshape(-1))
+        if not all(math.isfinite(v) and v > 0 for v in freq_factors):
+            raise UnsupportedModelError(f"{src}: tensor 'rope_freqs.weight' holds a value that is not a finite "
+                                        "positive number")
     return freq_scale, freq_factors
+
+
+def _hf_int(cfg: dict, name: str, path: Path) -> int:
+    """A required positive integer of a ``config.json``."""
+    if name not in cfg:
+        raise UnsupportedModelError(f"{path}: required key {name!r} is missing")
+    v = cfg[name]
+    if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+        raise UnsupportedModelError(f"{path}: {name} must be a positive integer, got {v!r}")
+    return v
 
 
 def _llama3_freq_factors(base: float, n_rot: int, rs: dict) -> list[float]:

@@ -257,13 +257,16 @@ class Model(nn.Module):
         the source open (its weights point into it).
         """
         infos = {t.name: t for t in source.tensors}
+        _check_layer_count(cfg, infos, source.path)
         _check_shapes(cfg, {n: tuple(t.shape) for n, t in infos.items()}, source.path)
         tensors = {}
         for name in cfg.tensor_shapes():
             info = infos[name]
             try:
                 if name.endswith("norm.weight") or name.endswith(".bias"):
-                    tensors[name] = torch.from_numpy(np.array(source.rows_f32(name), dtype=np.float32).reshape(-1))
+                    vec = np.array(source.rows_f32(name), dtype=np.float32).reshape(-1)
+                    _check_finite(vec, name, source.path)
+                    tensors[name] = torch.from_numpy(vec)
                 elif name == "token_embd.weight":
                     # get_rows: the reference's to_float dequantizer
                     tensors["token_embd"] = QEmbedding(source.raw(name), info.type_name, info.n_per_row)
@@ -280,6 +283,23 @@ class Model(nn.Module):
 
 
 # --------------------------------------------------------------------------- helpers
+
+def _check_layer_count(cfg: ModelConfig, infos: dict, src: str) -> None:
+    """The config's layer count must be the ``blk.N`` layers present, checked before anything
+    loops over it (a corrupt count of 2^31 would otherwise build billions of names)."""
+    layers = {name.split(".")[1] for name in infos if name.startswith("blk.")}
+    if cfg.n_layer != len(layers):
+        raise ModelTensorError(f"{src}: the model has {cfg.n_layer} layers but its tensors cover "
+                               f"{len(layers)} (blk.N names)")
+
+
+def _check_finite(vec: np.ndarray, name: str, src: str) -> None:
+    """Norm weights and biases are few: a NaN/Inf among them is found here, not as NaN logits."""
+    bad = np.flatnonzero(~np.isfinite(vec))
+    if bad.size:
+        raise ModelTensorError(f"{src}: tensor {name!r} holds a non-finite value {vec[bad[0]]} at element "
+                               f"{int(bad[0])} ({bad.size} in all)")
+
 
 def _check_shapes(cfg: ModelConfig, have: dict[str, tuple[int, ...]], src: str) -> None:
     """Every tensor the config implies must exist with its exact shape (ggml order)."""

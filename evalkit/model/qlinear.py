@@ -20,6 +20,11 @@ Threads: each tile is dequantized by the C kernels on torch's own OpenMP team (s
 :mod:`evalkit.model.team`: torch's threads are spinning anyway, and threads of our own
 beside them would run at half speed), then multiplied by torch's GEMM on the same team.
 Off the main thread the dequantization runs on the calling thread alone.
+
+Devices: on any non-CPU device (and on the CPU when forced, see :mod:`evalkit.devices`)
+the same ops dequantize each tile with the torch dequantizers of
+:mod:`evalkit.formats.torch_dequant` (bit-identical to the C kernels) on the weight's
+device and multiply with torch's GEMM there; the C-kernel path above is unchanged.
 """
 from __future__ import annotations
 
@@ -32,7 +37,9 @@ from torch import nn
 
 from evalkit import _kernels
 from evalkit.codec import DEQUANT_VARIANTS
+from evalkit.devices import use_torch_kernels
 from evalkit.formats import FORMATS_BY_ID, QuantFormat, get_format
+from evalkit.formats.torch_dequant import TORCH_DEQUANTIZERS, dequantize_torch
 from evalkit.model.team import team
 
 __all__ = ["qlinear", "qlinear_out", "qembedding", "QLinear", "QEmbedding", "packed_tensor", "tile_rows_for",
@@ -46,6 +53,9 @@ _TORCH_FLOAT = {_F16: torch.float16, _BF16: torch.bfloat16}
 # 2 Mi elements beat 256 Ki..1 Mi by 2-10 % (bench/forward.py shapes, Q4_1).
 TILE_ELEMENTS = 1 << 21
 _MIN_TILE_ROWS = 64
+# Off the CPU a tile is dequantized by a few dozen elementwise kernels: larger tiles
+# amortise their launches (16 Mi elements: 64 MiB of float32 plus the integer temporaries).
+DEVICE_TILE_ELEMENTS = 1 << 24
 
 _tls = threading.local()
 
@@ -61,9 +71,10 @@ def _scratch(numel: int) -> torch.Tensor:
     return buf[:numel]
 
 
-def tile_rows_for(n_per_row: int, n_rows: int) -> int:
-    """Rows of W dequantized per tile for rows of ``n_per_row`` elements."""
-    rows = max(_MIN_TILE_ROWS, TILE_ELEMENTS // max(1, n_per_row))
+def tile_rows_for(n_per_row: int, n_rows: int, elements: int | None = None) -> int:
+    """Rows of W dequantized per tile for rows of ``n_per_row`` elements (tiles of about
+    ``elements`` weights, default :data:`TILE_ELEMENTS`)."""
+    rows = max(_MIN_TILE_ROWS, (TILE_ELEMENTS if elements is None else elements) // max(1, n_per_row))
     if rows >= n_rows:
         return n_rows
     # Split evenly so the last tile is not a sliver (keeps GEMM shapes efficient).
@@ -78,7 +89,7 @@ def _fmt(type_id: int) -> QuantFormat:
     return fmt
 
 
-def _check_packed(w: torch.Tensor, fmt: QuantFormat, n_per_row: int, what: str) -> None:
+def _check_packed(w: torch.Tensor, fmt: QuantFormat, n_per_row: int, what: str, torch_path: bool = False) -> None:
     if w.dtype != torch.uint8 or w.dim() != 2:
         raise TypeError(f"{what}: packed weight must be a 2-D uint8 tensor (rows, row_bytes), "
                         f"got {w.dtype} of shape {tuple(w.shape)}")
@@ -88,7 +99,10 @@ def _check_packed(w: torch.Tensor, fmt: QuantFormat, n_per_row: int, what: str) 
                          f"{n_per_row} elements takes {rb} bytes")
     if not w.is_contiguous():
         raise ValueError(f"{what}: packed weight must be contiguous")
-    if fmt.type_id not in (_F32, _F16, _BF16) and not fmt.can_dequantize:
+    if torch_path:
+        if fmt.name not in TORCH_DEQUANTIZERS:
+            raise NotImplementedError(f"{what}: {fmt.name} has no torch dequantizer")
+    elif fmt.type_id not in (_F32, _F16, _BF16) and not fmt.can_dequantize:
         raise NotImplementedError(f"{what}: {fmt.name} has no dequantizer in this build of the kernels")
 
 
@@ -149,6 +163,45 @@ def _rows_2d(x: torch.Tensor, n_per_row: int) -> torch.Tensor:
     return x2 if x2.is_contiguous() else x2.contiguous()
 
 
+# ------------------------------------------------------------------ torch (device) path
+
+def _check_same_device(x: torch.Tensor, w: torch.Tensor, what: str) -> None:
+    if x.device != w.device:
+        raise ValueError(f"{what}: activations are on {x.device} but the packed weight is on {w.device} "
+                         "(move the model with evalkit.devices.move_to_device)")
+
+
+def _matmul_into_torch(x2: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, n_per_row: int, out: torch.Tensor,
+                       variant: int) -> None:
+    """:func:`_matmul_into` on w's device: each tile dequantized by the torch dequantizers
+    (bit-identical to the C kernels), then torch's GEMM into the tile's output columns."""
+    out_rows = w.shape[0]
+    if fmt.type_id == _F32:
+        wf = _f32_view(w, n_per_row)
+        if wf is not None:
+            torch.mm(x2, wf.t(), out=out)
+            return
+    elements = TILE_ELEMENTS if w.device.type == "cpu" else DEVICE_TILE_ELEMENTS
+    tile = tile_rows_for(n_per_row, out_rows, elements)
+    for r0 in range(0, out_rows, tile):
+        r1 = min(out_rows, r0 + tile)
+        wt = dequantize_torch(w[r0:r1], fmt.name, n_per_row, variant)
+        torch.mm(x2, wt.t(), out=out[:, r0:r1])
+
+
+def _qembedding_torch(ids: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, n_per_row: int,
+                      variant: int) -> torch.Tensor:
+    """:func:`qembedding` on w's device: the requested rows gathered there, then dequantized."""
+    flat = ids.reshape(-1).to(device=w.device, dtype=torch.int64)
+    if flat.numel():
+        lo, hi = int(flat.min()), int(flat.max())       # one device sync per lookup
+        if lo < 0 or hi >= w.shape[0]:
+            bad = lo if lo < 0 else hi
+            raise IndexError(f"qembedding: token id {bad} out of range [0, {w.shape[0]})")
+    rows = w.index_select(0, flat)
+    return dequantize_torch(rows, fmt.name, n_per_row, variant).reshape(*ids.shape, n_per_row)
+
+
 @torch.library.custom_op("evalkit::qlinear", mutates_args=())
 def qlinear(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int) -> torch.Tensor:
     """``x @ W.T`` for float32 x (..., n_per_row) and W packed as ggml ``type_id`` rows (out, row_bytes).
@@ -156,9 +209,15 @@ def qlinear(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, vari
     ``variant`` is 0 (reference to_float) or 1 (reference matmul dequantizer). Returns (..., out).
     """
     fmt = _fmt(type_id)
-    _check_packed(w, fmt, n_per_row, "qlinear")
+    device_path = use_torch_kernels(w)
+    _check_packed(w, fmt, n_per_row, "qlinear", device_path)
     _check_activations(x, n_per_row, "qlinear")
     x2 = _rows_2d(x, n_per_row)
+    if device_path:
+        _check_same_device(x, w, "qlinear")
+        out = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32, device=w.device)
+        _matmul_into_torch(x2, w, fmt, n_per_row, out, variant)
+        return out.reshape(*x.shape[:-1], w.shape[0])
     out = torch.empty((x2.shape[0], w.shape[0]), dtype=torch.float32)
     _matmul_into(x2, w, fmt, n_per_row, out, variant)
     return out.reshape(*x.shape[:-1], w.shape[0])
@@ -179,12 +238,18 @@ def qlinear_out(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, 
     per call costs page faults and cold caches (about 9 % of the GEMM time on CPU).
     """
     fmt = _fmt(type_id)
-    _check_packed(w, fmt, n_per_row, "qlinear_out")
+    device_path = use_torch_kernels(w)
+    _check_packed(w, fmt, n_per_row, "qlinear_out", device_path)
     _check_activations(x, n_per_row, "qlinear_out")
     if out.dtype != torch.float32 or not out.is_contiguous() or \
             tuple(out.shape) != (*x.shape[:-1], w.shape[0]):
         raise ValueError(f"qlinear_out: out must be a contiguous float32 tensor of shape "
                          f"{(*x.shape[:-1], w.shape[0])}, got {out.dtype} {tuple(out.shape)}")
+    if device_path:
+        _check_same_device(x, w, "qlinear_out")
+        _check_same_device(out, w, "qlinear_out (out)")
+        _matmul_into_torch(_rows_2d(x, n_per_row), w, fmt, n_per_row, out.view(-1, w.shape[0]), variant)
+        return
     _matmul_into(_rows_2d(x, n_per_row), w, fmt, n_per_row, out.view(-1, w.shape[0]), variant)
 
 
@@ -200,9 +265,12 @@ def qembedding(ids: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int,
     Only the requested rows are dequantized (the reference's ``get_rows``; use variant 0).
     """
     fmt = _fmt(type_id)
-    _check_packed(w, fmt, n_per_row, "qembedding")
+    device_path = use_torch_kernels(w)
+    _check_packed(w, fmt, n_per_row, "qembedding", device_path)
     if ids.dtype not in (torch.int64, torch.int32):
         raise TypeError(f"qembedding: ids must be int32/int64, got {ids.dtype}")
+    if device_path:
+        return _qembedding_torch(ids, w, fmt, n_per_row, variant)
     flat = ids.reshape(-1).to(torch.int64)
     if flat.numel():
         lo, hi = int(flat.min()), int(flat.max())
@@ -217,7 +285,7 @@ def qembedding(ids: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int,
 
 @qembedding.register_fake
 def _qembedding_fake(ids, w, type_id, n_per_row, variant):
-    return ids.new_empty((*ids.shape, n_per_row), dtype=torch.float32)
+    return w.new_empty((*ids.shape, n_per_row), dtype=torch.float32)
 
 
 def packed_tensor(data) -> torch.Tensor:
@@ -288,6 +356,8 @@ class QLinear(_PackedWeight):
     def dequantized(self) -> torch.Tensor:
         """The full float32 weight (out_features, in_features); for tests and small layers only."""
         fmt = get_format(self.type_id)
+        if use_torch_kernels(self.weight):
+            return dequantize_torch(self.weight, fmt.name, self.in_features, self.variant)
         out = torch.empty((self.out_features, self.in_features), dtype=torch.float32)
         _dequantize_rows(self.weight, fmt, self.in_features, out, self.variant, *team())
         return out

@@ -9,18 +9,57 @@ appears atomically (temp file + rename); any failure leaves no output file.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from evalkit.errors import EvalkitError, InputError
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
 from evalkit.recipes.options import TypeOptions
 from evalkit.recipes.plan import QuantPlan, TensorPlan, build_plan, kernel_gaps
 from evalkit.sources import TensorSource, open_source
 
-__all__ = ["quantize_tensor", "quantize_model", "load_imatrix_arg"]
+__all__ = ["quantize_tensor", "quantize_model", "load_imatrix_arg", "check_finite_rows", "NonFiniteWeightError"]
+
+# elements looked at per step when searching for NaN/Inf: bounds the temporary mask's memory
+_CHECK_ELEMENTS = 1 << 22
+
+
+class NonFiniteWeightError(EvalkitError, ValueError):
+    """A float tensor holds NaN or ±Inf (the message names the tensor, row and column)."""
+
+
+def _nonfinite_mask(rows: np.ndarray, type_name: str) -> np.ndarray:
+    """True where a float element (F32, F16, BF16, as stored or as float32) is NaN or ±Inf."""
+    if rows.dtype == np.uint8:
+        if type_name == "BF16":
+            bits = rows.view(np.uint16)
+            return (bits & 0x7F80) == 0x7F80          # exponent all ones: Inf or NaN
+        rows = rows.view(np.float16 if type_name == "F16" else np.float32)
+    return ~np.isfinite(rows)
+
+
+def check_finite_rows(rows: np.ndarray, type_name: str, tensor: str, source: str) -> None:
+    """Raise NonFiniteWeightError at the first NaN/Inf of ``rows`` (float32 rows, or the raw
+    bytes of an F32/F16/BF16 tensor); ggml_validate_row_data rejects such rows too."""
+    step = max(1, _CHECK_ELEMENTS // max(1, rows.shape[1]))
+    for r0 in range(0, rows.shape[0], step):
+        bad = _nonfinite_mask(rows[r0:r0 + step], type_name)
+        if bad.any():
+            r, c = (int(v) for v in np.argwhere(bad)[0])
+            x = rows[r0 + r:r0 + r + 1]
+            value = (_as_float32(x, type_name)[0, c]) if x.dtype == np.uint8 else x[0, c]
+            raise NonFiniteWeightError(f"{source}: tensor {tensor!r} ({type_name}) holds a non-finite weight "
+                                       f"{value} at row {r0 + r}, column {c}: refusing to write it")
+
+
+def _as_float32(raw: np.ndarray, type_name: str) -> np.ndarray:
+    if type_name == "BF16":
+        return (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return raw.view(np.float16 if type_name == "F16" else np.float32).astype(np.float32)
 
 
 def quantize_tensor(source: TensorSource, tp: TensorPlan, imatrix: np.ndarray | None = None,
@@ -33,8 +72,13 @@ def quantize_tensor(source: TensorSource, tp: TensorPlan, imatrix: np.ndarray | 
     from evalkit.codec import quantize
 
     if not tp.quantize:
-        return source.raw(tp.name)
+        raw = source.raw(tp.name)
+        if tp.src_type in ("F32", "F16", "BF16"):
+            check_finite_rows(raw, tp.src_type, tp.name, source.path)
+        return raw
     x = source.rows_f32(tp.name, threads)
+    # every float row is checked here, before any kernel, so the error names the tensor
+    check_finite_rows(x, tp.src_type, tp.name, source.path)
     if tp.dst_type == "F32":
         # ggml's F32 "quantization" is a copy: skip the kernel and a second buffer
         return np.ascontiguousarray(x).view(np.uint8)
@@ -68,6 +112,20 @@ def load_imatrix_arg(imatrix: Any) -> tuple[Any, str | None]:
     return imatrix, getattr(imatrix, "path", None) or ""
 
 
+def _check_output_path(out: str | Path) -> None:
+    """An existing output must be a regular file: the atomic rename would replace a FIFO or a
+    device node, and fail on a directory only after all the work."""
+    try:
+        st = os.stat(out)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise InputError(f"{out}: cannot use as the output: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise InputError(f"{out}: the output path exists and is {kind}; give a file path")
+
+
 def quantize_model(src: str | Path | TensorSource, out: str | Path | None, ftype: str | int | FType,
                    imatrix: Any = None, options: TypeOptions | None = None, threads: int | None = None,
                    dry_run: bool = False, progress: bool = True) -> QuantPlan:
@@ -80,6 +138,8 @@ def quantize_model(src: str | Path | TensorSource, out: str | Path | None, ftype
     before the output file is created.
     """
     ft = get_ftype(ftype)
+    if out is not None and not dry_run:
+        _check_output_path(out)
     opts = TypeOptions() if options is None else options
     if not isinstance(opts, TypeOptions):
         raise TypeError(f"options must be an evalkit.recipes.TypeOptions, got {type(opts).__name__}")

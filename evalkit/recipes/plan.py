@@ -17,8 +17,8 @@ from evalkit.recipes.ftypes import FType, get_ftype
 from evalkit.recipes.options import CLASS_OPTIONS, RuleError, TypeOptions
 from evalkit.recipes.rules import IGNORED_CLASS_OPTIONS, ModelFacts, assign_types
 
-__all__ = ["TensorPlan", "QuantPlan", "build_plan", "find_imatrix_entry", "output_metadata",
-           "kernel_gaps", "GGML_QNT_VERSION"]
+__all__ = ["TensorPlan", "QuantPlan", "build_plan", "check_model_metadata", "find_imatrix_entry",
+           "output_metadata", "kernel_gaps", "GGML_QNT_VERSION"]
 
 GGML_QNT_VERSION = 2
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
@@ -214,6 +214,43 @@ def _option_warnings(ft: FType, opts: TypeOptions) -> list[str]:
     return warnings
 
 
+# the {arch}.* integer keys the type rules read (llm_load_hparams' view), and those that may be per-layer arrays
+_RULE_INT_KEYS = ("block_count", "attention.head_count", "attention.head_count_kv", "expert_count",
+                  "vocab_size", "embedding_length")
+_PER_LAYER_KEYS = ("attention.head_count", "attention.head_count_kv")
+
+
+def check_model_metadata(metadata: dict[str, Any], names: list[str], path: str) -> None:
+    """The hyper-parameters the type rules read must be well-typed and match the tensors.
+
+    As llama_model_loader's ``get_key``: a value of the wrong type is an error; counts are
+    non-negative integers; ``{arch}.block_count`` must be the number of ``blk.N`` layers
+    present (llama-quantize's loader fails on missing layer tensors or extra ones).
+    """
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise RuleError(f"{path}: metadata key general.architecture must be a string, got {arch!r}"
+                        if arch is not None else f"{path}: required metadata key general.architecture is missing")
+    for name in _RULE_INT_KEYS:
+        key = f"{arch}.{name}"
+        if key not in metadata:
+            continue
+        value = metadata[key]
+        values = value if isinstance(value, list) and name in _PER_LAYER_KEYS else [value]
+        for v in values:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise RuleError(f"{path}: metadata key {key} must be a non-negative integer"
+                                f"{' or an array of them' if name in _PER_LAYER_KEYS else ''}, "
+                                f"got {repr(value)[:60]}")
+    key = f"{arch}.block_count"
+    layers = {n.split(".")[1] for n in names if n.startswith("blk.")}
+    if key not in metadata and layers:
+        raise RuleError(f"{path}: required metadata key {key} is missing ({len(layers)} layers of tensors present)")
+    if key in metadata and metadata[key] != len(layers):
+        raise RuleError(f"{path}: metadata key {key} declares {metadata[key]} layers but the file has "
+                        f"tensors for {len(layers)} (blk.N names)")
+
+
 def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: Any = None,
                imatrix_label: str | None = None, output: str | None = None) -> QuantPlan:
     """Decide every tensor of ``source`` and validate the imatrix against them.
@@ -225,6 +262,7 @@ def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: A
     ft = get_ftype(ftype)
     infos = list(source.tensors)
     names = [t.name for t in infos]
+    check_model_metadata(source.metadata, names, str(source.path))
     model = ModelFacts.from_metadata(source.metadata, names)
     has_im = imatrix is not None and len(imatrix.data) > 0
     if has_im:

@@ -12,7 +12,7 @@ import pandas as pd  # noqa: E402
 
 from evalkit.files import temp_path  # noqa: E402
 
-__all__ = ["plot_kld_vs_bpw", "plot_kld_cdf", "plot_dp_hist", "save_all_plots", "pareto_front"]
+__all__ = ["plot_kld_vs_bpw", "plot_kld_cdf", "plot_dp_hist", "plot_kld_sources", "save_all_plots", "pareto_front"]
 
 
 def pareto_front(bpw: np.ndarray, kld: np.ndarray) -> np.ndarray:
@@ -81,12 +81,60 @@ def plot_dp_hist(tokens: pd.DataFrame):
     return fig
 
 
+def plot_kld_sources(results: dict):
+    """Stacked bars per variant, as shares of its mean KLD: the weights' own (exact forward),
+    what the backend's arithmetic adds (emulated), and what the measured logits add beyond the
+    emulation; the mean KLD is written above each bar (a black tick marks measured logits that
+    fall below the emulation)."""
+    from evalkit.report.tables import kld_sources
+    rows = kld_sources(results)
+    fig, ax = plt.subplots(figsize=(max(6.4, 1.1 * len(rows) + 2), 4.6))
+    x = np.arange(len(rows))
+    parts = np.array([[r["weights"], max(0.0, r["backend_share"] or 0.0), max(0.0, r["unexplained"] or 0.0)]
+                      for r in rows]).reshape(len(rows), 3)
+    total = np.maximum(parts.sum(1), 1e-30)
+    share = parts / total[:, None]
+    bottom = np.zeros(len(rows))
+    for k, (label, color, hatch) in enumerate([("weights (exact forward)", "#4c72b0", None),
+                                               ("backend arithmetic (emulated)", "#dd8452", None),
+                                               ("unexplained (measured − emulated)", "#c44e52", "//")]):
+        ax.bar(x, 100 * share[:, k], bottom=100 * bottom, color=color, hatch=hatch, label=label)
+        bottom += share[:, k]
+    for i, r in enumerate(rows):
+        if r["unexplained"] is not None and r["unexplained"] < 0:
+            ax.plot([i - 0.4, i + 0.4], [100 * r["total"] / total[i]] * 2, color="black", lw=1.5)
+        note = f"{r['total']:.4g}" + ("\nfault suspected" if r["verdict"] == "fault suspected" else "")
+        ax.annotate(note, (i, 100), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    ax.set_xticks(x, [r["variant"] for r in rows], rotation=30, ha="right")
+    ax.set_ylim(0, 118)
+    ax.set_ylabel("share of the mean KLD vs the exact base (%)")
+    ax.set_title("where the KLD comes from (mean KLD above each bar)")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, frameon=False)
+    fig.tight_layout()
+    return fig
+
+
+def _primary_tokens(results: dict, tokens: pd.DataFrame) -> pd.DataFrame:
+    """The token rows of each variant's primary figure (not its decomposition components)."""
+    if tokens.empty or "variant" not in tokens:
+        return tokens
+    keep = tokens["variant"].isin(list(results["variants"]))
+    return tokens if keep.all() else tokens[keep].assign(
+        variant=lambda f: f["variant"].astype(str).astype("category"))
+
+
 def save_all_plots(results: dict, tokens: pd.DataFrame, out_dir: str | Path) -> list[Path]:
     """Write every plot as PNG and SVG into out_dir; returns the paths."""
+    from evalkit.report.tables import kld_sources
     out_dir = Path(out_dir)
     written = []
-    for stem, fig in (("kld_vs_bpw", plot_kld_vs_bpw(results)), ("kld_cdf", plot_kld_cdf(tokens)),
-                      ("dp_hist", plot_dp_hist(tokens))):
+    tokens = _primary_tokens(results, tokens)
+    plots = [("kld_vs_bpw", plot_kld_vs_bpw), ("kld_cdf", lambda r: plot_kld_cdf(tokens)),
+             ("dp_hist", lambda r: plot_dp_hist(tokens))]
+    if kld_sources(results):
+        plots.append(("kld_sources", plot_kld_sources))
+    for stem, make in plots:
+        fig = make(results)
         for ext in ("png", "svg"):
             p = out_dir / f"{stem}.{ext}"
             tmp = temp_path(p)
