@@ -76,6 +76,8 @@ def _declare(lib: ctypes.CDLL) -> None:
         "ek_backend_quantize_act": ([ci, vp, vp, vp, vp, i64, i64, ci, vp], ci),
         "ek_backend_has_convert": ([ci], ci),
         "ek_backend_convert": ([ci, vp, vp, i64, i64, ci, vp], ci),
+        # repacked tensors → plain rows (kernels/repack.c)
+        "ek_unrepack": ([vp, i64, i64, i64, i64, vp, i64, i64, i64, i64, vp, i64], ci),
     }
     for name, (argtypes, restype) in signatures.items():
         fn = getattr(lib, name)

@@ -96,6 +96,7 @@ def quantize(x: np.ndarray, type_name: str, imatrix=None, threads: int | None = 
     x = _check_weights(x, fmt)
     rows, n = x.shape
     im = _check_imatrix(imatrix, n)
+    fmt.require_quantizable()      # ReadOnlyTypeError: a type evalkit only reads
     if not fmt.can_quantize:
         raise NotImplementedError(f"quantize: {fmt.name} has no quantizer in this build of evalkit")
     out = np.empty((rows, fmt.row_bytes(n)), dtype=np.uint8)

@@ -46,7 +46,9 @@
     X(EK_IQ1_KT, iq1_kt, 256, 56, 4)                    \
     X(EK_IQ2_KT, iq2_kt, 256, 68, 4)                    \
     X(EK_IQ3_KT, iq3_kt, 256, 100, 4)                   \
-    X(EK_IQ4_KT, iq4_kt, 256, 128, 4)
+    X(EK_IQ4_KT, iq4_kt, 256, 128, 4)                   \
+    X(EK_IQ4_XS, iq4_xs, 256, 136, 0)                   \
+    X(EK_Q8_KV, q8_kv, 32, 32, 8)
 
 #define EK_DECL_ENTRY(id, name, bs, bb, hb) EK_DECLARE(name)
 EK_FORMATS(EK_DECL_ENTRY)

@@ -26,6 +26,7 @@ enum ek_type {
     EK_IQ4_KS = 144, EK_IQ2_KS = 145, EK_IQ4_KSS = 146, EK_IQ5_KS = 152,
     EK_IQ2_KT = 153, EK_IQ3_KT = 154, EK_IQ4_KT = 155, EK_IQ3_KS = 156,
     EK_IQ2_KL = 157, EK_IQ1_KT = 158,
+    EK_IQ4_XS = 23, EK_Q8_KV = 151,   /* dequantized only (kernels/read_only.c) */
     EK_TYPE_COUNT = 512
 };
 
@@ -139,6 +140,12 @@ int ek_test_fail_alloc(int on);
 /* fp16 / bf16 helpers (round to nearest even, as F16C with immediate 0). */
 uint16_t ek_fp32_to_fp16(float f);
 float ek_fp16_to_fp32(uint16_t h);
+
+/* Repacked ("_R4"/"_R8") tensor blocks → plain rows by bit-field runs (kernels/repack.c;
+ * the runs come from evalkit/formats/repack.py). */
+int ek_unrepack(const uint8_t *src, int64_t ngroups, int64_t nchunks, int64_t src_group_stride,
+                int64_t src_offset, uint8_t *dst, int64_t rows, int64_t row_stride, int64_t dst_offset,
+                int64_t chunk_bytes, const int32_t *runs, int64_t nruns);
 
 #ifdef __cplusplus
 }

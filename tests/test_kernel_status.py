@@ -13,7 +13,7 @@ import evalkit
 from evalkit import _kernels
 from evalkit.formats import FORMATS
 
-QUANTIZED = [f.name for f in FORMATS.values() if f.family != "float"]
+QUANTIZED = [f.name for f in FORMATS.values() if f.family != "float" and f.quantizable]   # read-only types: no quantizer
 # the types whose row kernels allocate scratch memory (row-scaled and trellis types)
 ALLOCATING = {f.name for f in FORMATS.values() if f.family in ("iqks", "kt")}
 

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from evalkit.errors import EvalkitError
 from evalkit.registry import lookup
 
-__all__ = ["QuantFormat", "FORMATS", "FORMATS_BY_ID", "get_format", "known_names"]
+__all__ = ["QuantFormat", "FORMATS", "FORMATS_BY_ID", "get_format", "known_names", "ReadOnlyTypeError"]
+
+
+class ReadOnlyTypeError(EvalkitError, NotImplementedError):
+    """A type evalkit reads (dequantizes) but cannot quantize into (``QuantFormat.quantizable``)."""
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,7 @@ class QuantFormat:
     header_bytes: int = 0    # per-row prefix (fp16 or float32 row scale) of KS/KL/KT types
     needs_imatrix: bool = False  # llama-quantize refuses it without an imatrix (except embd/output)
     family: str = ""
+    quantizable: bool = True     # False: read-only (dequantized from published files, never written)
 
     @property
     def bpw(self) -> float:
@@ -50,7 +56,13 @@ class QuantFormat:
     def can_quantize(self) -> bool:
         """True when the compiled kernels implement this type's quantizer."""
         from evalkit import _kernels
-        return _kernels.has_quantize(self.type_id)
+        return self.quantizable and _kernels.has_quantize(self.type_id)
+
+    def require_quantizable(self) -> None:
+        """ReadOnlyTypeError for a type evalkit only reads (no quantizer by design)."""
+        if not self.quantizable:
+            raise ReadOnlyTypeError(f"{self.name}: evalkit reads (dequantizes) this type from published files "
+                                    "but cannot quantize into it; choose another target type")
 
     @property
     def can_dequantize(self) -> bool:
@@ -70,6 +82,7 @@ F16 = 2            # ggml_half
 F32 = 4            # float
 U16 = 2            # uint16_t
 U32 = 4            # uint32_t
+I32 = 4            # int32_t
 
 # family -> (name, ggml type id, elements per block, bytes per block[, row header bytes])
 _TABLE: dict[str, list[tuple]] = {
@@ -122,13 +135,19 @@ _TABLE: dict[str, list[tuple]] = {
         ("IQ4_KT",  155, QK_K, U32 * (QK_K // 8), F32),                        # qs
         ("IQ1_KT",  158, QK_K, QK_K // 32 + QK_K // 8 + QK_K // 16, F32),      # sh | ql | qh
     ],
+    # read only: the plain side of repacked published tensors (IQ4_XS_R8, Q8_KV_R8);
+    # dequantizers in kernels/read_only.c, no quantizer
+    "read-only": [
+        ("IQ4_XS",   23, QK_K, F16 + U16 + QK_K // 64 + QK_K // 2),            # d | scales_h | scales_l | qs
+        ("Q8_KV",   151, QK, QK, F32 + I32),                                   # [d | sum of quants] qs (int8)
+    ],
 }
 # llama-quantize refuses these without an imatrix (except for token_embd / output)
 _NEEDS_IMATRIX = {"IQ1_KT", "IQ2_KT"}
 
 FORMATS: dict[str, QuantFormat] = {
     name: QuantFormat(name, type_id, block_size, type_size, *header, needs_imatrix=name in _NEEDS_IMATRIX,
-                      family=family)
+                      family=family, quantizable=family != "read-only")
     for family, rows in _TABLE.items() for name, type_id, block_size, type_size, *header in rows
 }
 

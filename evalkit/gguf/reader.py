@@ -72,11 +72,27 @@ class TensorInfo:
     shape: tuple[int, ...]
     type_id: int
     offset: int      # absolute file offset of the first byte
-    nbytes: int
+    nbytes: int      # bytes of the rows evalkit hands out (the plain type's for a repacked tensor)
+    stored_type_id: int | None = None   # the file's repacked type id ("_R4"/"_R8"), None when plain
+    stored_nbytes: int | None = None    # bytes in the file, when they differ from ``nbytes``' count
+    shard: int = 0                      # which file of a split model holds the data (0: the first)
 
     @property
     def format(self) -> QuantFormat:
         return FORMATS_BY_ID[self.type_id]
+
+    @property
+    def file_nbytes(self) -> int:
+        """Bytes the tensor occupies in its file."""
+        return self.nbytes if self.stored_nbytes is None else self.stored_nbytes
+
+    @property
+    def stored_type_name(self) -> str:
+        """The type as stored in the file (a repacked name such as IQ4_K_R4, else the plain name)."""
+        if self.stored_type_id is None:
+            return self.type_name
+        from evalkit.formats.repack import REPACKED_BY_ID
+        return REPACKED_BY_ID[self.stored_type_id].name
 
     @property
     def type_name(self) -> str:
@@ -261,10 +277,16 @@ class GGUFFile:
     ``metadata`` maps keys to Python values; ``metadata_types`` keeps each key's GGUF value
     type (and, for arrays, the element type) so a writer can carry them over unchanged.
     ``tensors`` maps names to :class:`TensorInfo` in file order.
+
+    A split model (llama.cpp's gguf-split: ``split.count`` > 1) given as its first shard
+    is read as one model: the metadata are the first shard's, ``tensors`` holds every
+    shard's, and each tensor's bytes come from its own shard (``evalkit.gguf.split``).
+    ``shards=False`` reads one shard alone.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shards: bool = True):
         self.path = str(path)
+        self._shards: list["GGUFFile"] = []
         self._fh, st = _open_regular(self.path)
         try:
             self._mm = mmap.mmap(self._fh.fileno(), 0, access=mmap.ACCESS_READ)
@@ -272,8 +294,12 @@ class GGUFFile:
             self._fh.close()
             raise GGUFError(f"{self.path}: cannot map the file: {e}") from None
         self._buf = np.frombuffer(self._mm, dtype=np.uint8)
+        self._bufs = [self._buf]          # one per shard, indexed by TensorInfo.shard
         try:
             self._load_header(_cache_key(st))
+            if shards:
+                from evalkit.gguf.split import attach_shards
+                attach_shards(self)
         except Exception:
             self.close()
             raise
@@ -381,8 +407,14 @@ class GGUFFile:
         return name, shape, type_id, offset
 
     def _place_tensor(self, name: str, shape: tuple[int, ...], type_id: int, offset: int) -> TensorInfo:
-        """Check one tensor's type, shape and data range (inside the file) and make its entry."""
-        fmt = FORMATS_BY_ID.get(type_id)
+        """Check one tensor's type, shape and data range (inside the file) and make its entry.
+
+        A repacked tensor is entered with its plain type (``stored_type_id`` keeps the file's):
+        every reader of the entry sees the plain type, :meth:`tensor_bytes` converts its rows.
+        """
+        from evalkit.formats.repack import codec_for
+        codec = codec_for(type_id, f"{self.path}: tensor {name!r}")
+        fmt = codec.plain if codec is not None else FORMATS_BY_ID.get(type_id)
         if fmt is None:
             raise GGUFError(f"{self.path}: tensor {name!r} has unknown ggml type id {type_id}")
         if any(d == 0 for d in shape):
@@ -399,13 +431,20 @@ class GGUFFile:
         if offset % self.alignment:
             raise GGUFError(f"{self.path}: tensor {name!r} data offset {offset} is not aligned to "
                             f"{self.alignment}")
-        nbytes = fmt.tensor_bytes(shape)
+        nbytes = stored = fmt.tensor_bytes(shape)
+        if codec is not None:
+            nrows = n // shape[0]
+            codec.check_shape(shape[0], nrows, f"{self.path}: tensor {name!r}")
+            stored = nrows * codec.stored_row_bytes(shape[0])
         start = self.data_offset + offset
-        if start + nbytes > len(self._mm):
+        if start + stored > len(self._mm):
             raise GGUFError(f"{self.path}: tensor {name!r} ({fmt.name}, shape {shape}) data [{start}, "
-                            f"{start + nbytes}) lies beyond the end of the file ({len(self._mm)} bytes): "
+                            f"{start + stored}) lies beyond the end of the file ({len(self._mm)} bytes): "
                             "truncated or corrupt")
-        return TensorInfo(name, tuple(shape), type_id, start, nbytes)
+        if codec is None:
+            return TensorInfo(name, tuple(shape), type_id, start, nbytes)
+        return TensorInfo(name, tuple(shape), fmt.type_id, start, nbytes, stored_type_id=type_id,
+                          stored_nbytes=None if stored == nbytes else stored)
 
     def _check_no_overlap(self) -> None:
         """No two tensors may share bytes: each one's data must end before the next one starts."""
@@ -414,9 +453,9 @@ class GGUFFile:
             if a.offset == b.offset:
                 raise GGUFError(f"{self.path}: tensors {a.name!r} and {b.name!r} both start at data offset "
                                 f"{a.offset - self.data_offset}: their data overlap")
-            if a.offset + a.nbytes > b.offset:
-                raise GGUFError(f"{self.path}: tensor {a.name!r} ({a.type_name}, shape {a.shape}, {a.nbytes} "
-                                f"bytes at file offset {a.offset}) overlaps tensor {b.name!r} starting at "
+            if a.offset + a.file_nbytes > b.offset:
+                raise GGUFError(f"{self.path}: tensor {a.name!r} ({a.stored_type_name}, shape {a.shape}, "
+                                f"{a.file_nbytes} bytes at file offset {a.offset}) overlaps tensor {b.name!r} starting at "
                                 f"{b.offset}: its type and shape do not fit the space before it")
 
     # -- access ----------------------------------------------------------------
@@ -427,18 +466,39 @@ class GGUFFile:
         except KeyError:
             raise KeyError(f"{self.path}: no tensor named {name!r}") from None
 
-    def tensor_bytes(self, name: str) -> np.ndarray:
-        """Zero-copy uint8 view (nrows, row_bytes) of a tensor's packed data."""
+    def stored_bytes(self, name: str) -> np.ndarray:
+        """Zero-copy flat uint8 view of a tensor's bytes exactly as the file stores them."""
         t = self.tensor(name)
-        flat = self._buf[t.offset:t.offset + t.nbytes]
-        return flat.reshape(t.nrows, t.nbytes // t.nrows)
+        return self._bufs[t.shard][t.offset:t.offset + t.file_nbytes]
+
+    def tensor_bytes(self, name: str) -> np.ndarray:
+        """uint8 rows (nrows, row_bytes) of a tensor in its plain type: a zero-copy view of the
+        map, or, for a repacked tensor, its rows de-interleaved into a new array (converted on
+        each call, nothing cached: the caller keeps what it needs, so no second copy lingers)."""
+        t = self.tensor(name)
+        flat = self.stored_bytes(name)
+        if t.stored_type_id is None:
+            return flat.reshape(t.nrows, t.nbytes // t.nrows)
+        from evalkit.formats.repack import REPACKED_BY_ID, unpack_rows
+        return unpack_rows(flat, REPACKED_BY_ID[t.stored_type_id], t.n_per_row, t.nrows)
+
+    def rows_f32(self, name: str, threads: int | None = None, variant: str = "to_float") -> np.ndarray:
+        """The tensor as float32 rows (nrows, ne0). A repacked tensor's ``to_float`` values are the
+        reference's for the repacked type (``evalkit.formats.repack.repacked_to_float``)."""
+        from evalkit.codec import dequantize
+        t = self.tensor(name)
+        q = self.tensor_bytes(name)
+        if t.stored_type_id is not None and variant == "to_float":
+            from evalkit.formats.repack import REPACKED_BY_ID, repacked_to_float
+            x = repacked_to_float(q, REPACKED_BY_ID[t.stored_type_id], t.n_per_row)
+            if x is not None:
+                return x
+        return dequantize(q, t.type_name, t.n_per_row, threads=threads, variant=variant)
 
     def dequantize(self, name: str, threads: int | None = None, variant: str = "to_float") -> np.ndarray:
         """The tensor as float32, shaped like numpy/torch (reversed ggml shape)."""
-        from evalkit.codec import dequantize
         t = self.tensor(name)
-        rows = dequantize(self.tensor_bytes(name), t.type_name, t.n_per_row, threads=threads, variant=variant)
-        return rows.reshape(tuple(reversed(t.shape)))
+        return self.rows_f32(name, threads, variant).reshape(tuple(reversed(t.shape)))
 
     def get(self, key: str, default: Any = None) -> Any:
         """A metadata value, or ``default``."""
@@ -448,10 +508,17 @@ class GGUFFile:
     def architecture(self) -> str | None:
         return self.metadata.get("general.architecture")
 
+    def mapping(self, shard: int = 0) -> mmap.mmap | None:
+        """The memory map of shard ``shard`` (0: this file), None once closed."""
+        return self._mm if shard == 0 else getattr(self._shards[shard - 1], "_mm", None)
+
     def close(self) -> None:
-        """Release the mapping (views obtained earlier must no longer be used)."""
+        """Release the mapping and any other shards' (views obtained earlier must no longer be used)."""
+        for shard in getattr(self, "_shards", ()):
+            shard.close()
         buf = getattr(self, "_buf", None)
         self._buf = None
+        self._bufs = []
         del buf
         mm = getattr(self, "_mm", None)
         if mm is not None:

@@ -17,8 +17,12 @@ _PAGE = mmap.PAGESIZE
 class GGUFSource:
     """A memory-mapped GGUF model (a path, or a :class:`~evalkit.gguf.GGUFFile` already open).
 
-    ``file`` is the underlying :class:`~evalkit.gguf.GGUFFile`, for readers of GGUF-only
-    details (``ModelConfig.from_gguf``).
+    A split model given as its first shard is one source (the file reads every shard). A
+    repacked ("_R4"/"_R8") tensor is listed with its plain type and :meth:`raw` returns its
+    rows de-interleaved into a new array, after which the file's pages of it are dropped:
+    the converted copy is the only one kept (converting lazily, per tensor, never holds two
+    copies of the model). ``file`` is the underlying :class:`~evalkit.gguf.GGUFFile`, for
+    readers of GGUF-only details (``ModelConfig.from_gguf``).
     """
 
     def __init__(self, path: str | Path | GGUFFile):
@@ -29,31 +33,31 @@ class GGUFSource:
         self.tensors: list[TensorInfo] = list(self.file.tensors.values())
 
     def raw(self, name: str) -> np.ndarray:
-        """Zero-copy uint8 (rows, row_bytes) view of a tensor's stored bytes."""
-        return self.file.tensor_bytes(name)
+        """uint8 (rows, row_bytes) of a tensor in its plain type: zero-copy, or converted if repacked."""
+        rows = self.file.tensor_bytes(name)
+        if self.file.tensor(name).stored_type_id is not None:
+            self.release(name)
+        return rows
 
     def rows_f32(self, name: str, threads: int | None = None) -> np.ndarray:
         """The tensor as float32 rows (nrows, ne0), dequantized exactly like the reference."""
-        from evalkit.codec import dequantize
-
         t = self.file.tensor(name)
-        q = self.file.tensor_bytes(name)
         if t.type_name == "F32":
-            return q.view(np.float32)   # already float: no copy
-        return dequantize(q, t.type_name, t.n_per_row, threads=threads)
+            return self.file.tensor_bytes(name).view(np.float32)   # already float: no copy
+        return self.file.rows_f32(name, threads=threads)
 
     def release(self, name: str) -> None:
         """Drop a finished tensor's pages from this process (the reference unmaps them too)."""
-        mm = getattr(self.file, "_mm", None)
+        t = self.file.tensor(name)
+        mm = self.file.mapping(t.shard) if hasattr(self.file, "mapping") else None
         if mm is None or not hasattr(mm, "madvise"):
             return
-        t = self.file.tensor(name)
         start = t.offset - t.offset % _PAGE
         try:
-            mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.nbytes - start)
+            mm.madvise(mmap.MADV_DONTNEED, start, t.offset + t.file_nbytes - start)
         except (OSError, ValueError, AttributeError):
             pass  # only an optimisation
 
     def close(self) -> None:
-        """Unmap the file."""
+        """Unmap the file (and the other shards of a split model)."""
         self.file.close()

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from evalkit.formats import QuantFormat, get_format
-from evalkit.formats.torch_dequant import floats, iqk, iqks, kquants, kt, legacy
+from evalkit.formats.torch_dequant import floats, iqk, iqks, kquants, kt, legacy, read_only
 from evalkit.formats.torch_dequant._common import f32_const
 
 __all__ = ["dequantize_torch", "TORCH_DEQUANTIZERS", "TorchDequantizer", "variant_id", "f32_const"]
@@ -45,6 +45,8 @@ TORCH_DEQUANTIZERS: dict[str, TorchDequantizer] = {
     "IQ5_KS": iqks.iq5_ks, "IQ2_KL": iqks.iq2_kl,
     # trellis
     "IQ1_KT": kt.iq1_kt, "IQ2_KT": kt.iq2_kt, "IQ3_KT": kt.iq3_kt, "IQ4_KT": kt.iq4_kt,
+    # read only (the plain side of repacked IQ4_XS_R8 / Q8_KV_R8 tensors)
+    "IQ4_XS": read_only.iq4_xs, "Q8_KV": read_only.q8_kv,
 }
 
 # the C side's variant ids (evalkit.codec.DEQUANT_VARIANTS), repeated to keep this torch-only
