@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from evalkit.errors import EvalkitError
 from evalkit.model.arch import ARCHITECTURES
+from evalkit.model.moe_config import gguf_moe_fields
+from evalkit.model.yarn import YarnScaling
 from evalkit.sources.hf import HF_MODEL_TYPES
 
 __all__ = ["ModelConfig", "SUPPORTED_ARCHITECTURES", "UnsupportedModelError"]
@@ -61,12 +63,35 @@ class ModelConfig:
     qk_norm: bool = False
     attn_bias: bool = False
     n_ctx_train: int = 0
+    # deepseek2 multi-head latent attention (evalkit.model.mla): q_lora_rank 0 = no q compression
+    # (attn_q); head_dim is the key head size (qk_nope + qk_rope, qk_rope = n_rot); v_head_dim
+    # 0 = head_dim; mla_forms: which forms the file's tensors allow ("kv_b": attn_kv_b,
+    # "k_b": attn_k_b + attn_v_b). rope_yarn: YaRN scaling (None: none or linear).
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    v_head_dim: int = 0
+    mla_forms: tuple[str, ...] = ()
+    rope_yarn: YarnScaling | None = None
+    # Mixture of experts (evalkit.model.moe; read by evalkit.model.moe_config): n_expert 0 = dense.
+    # n_ff_exp: one routed expert's FFN width; n_expert_shared shared experts (n_ff_exp wide each);
+    # the first n_layer_dense_lead layers are dense (n_ff). Router: expert_gating "softmax" or
+    # "sigmoid" probabilities, top-n_expert_used, normalised (expert_weights_norm), scaled.
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_ff_exp: int = 0
+    n_expert_shared: int = 0
+    n_layer_dense_lead: int = 0
+    expert_gating: str = "softmax"
+    expert_weights_norm: bool = False
+    expert_weights_scale: float = 1.0
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
             raise _unsupported_arch(self.arch, "ModelConfig")
         if self.n_rot == 0:
             object.__setattr__(self, "n_rot", self.head_dim)
+        if self.v_head_dim == 0:
+            object.__setattr__(self, "v_head_dim", self.head_dim)
         for name in ("n_layer", "n_embd", "n_head", "n_head_kv", "head_dim", "n_ff", "n_vocab"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
@@ -77,6 +102,11 @@ class ModelConfig:
         if self.n_rot % 2 or self.n_rot > self.head_dim:
             raise UnsupportedModelError(f"ModelConfig: rotary dimension {self.n_rot} must be even and at most "
                                         f"head_dim {self.head_dim}")
+        if self.n_expert and not (0 < self.n_expert_used <= self.n_expert and self.n_ff_exp > 0
+                                  and self.expert_gating in ("softmax", "sigmoid")):
+            raise UnsupportedModelError(f"ModelConfig: bad mixture-of-experts settings: n_expert_used "
+                                        f"{self.n_expert_used} of n_expert {self.n_expert}, n_ff_exp {self.n_ff_exp}, "
+                                        f"gating {self.expert_gating!r}")
         if self.rope_freq_factors is not None and len(self.rope_freq_factors) != self.n_rot // 2:
             raise UnsupportedModelError(f"ModelConfig: rope_freq_factors has {len(self.rope_freq_factors)} "
                                         f"entries, expected n_rot/2 = {self.n_rot // 2}")
@@ -118,17 +148,22 @@ class ModelConfig:
             raise k.error("attention.head_count", f"{n_head} does not divide {arch}.embedding_length {n_embd}")
         head_dim = k.integer("attention.key_length", n_embd // n_head)
         v_dim = k.integer("attention.value_length", head_dim)
-        if v_dim != head_dim:
+        if v_dim != head_dim and f"{arch}.attention.kv_lora_rank" not in md:     # (MLA: v differs)
             raise k.error("attention.value_length", f"value head size {v_dim} differs from the key head size "
                                                     f"{head_dim}")
         n_rot = k.integer("rope.dimension_count", head_dim, minimum=0)
         if n_rot % 2 or n_rot > head_dim:
             raise k.error("rope.dimension_count", f"{n_rot} must be even and at most the head size {head_dim}")
-        freq_scale, freq_factors = _gguf_rope_scaling(gguf, k)
+        freq_scale, freq_factors, yarn = _gguf_rope_scaling(gguf, k)
         has = gguf.tensors.__contains__
+        mla = _gguf_mla(gguf, k, n_head, n_head_kv, head_dim, n_rot, v_dim)
+        n_ff = k.uniform_integer("feed_forward_length")
+        moe = gguf_moe_fields(k, n_layer, n_ff)
+        if k.number("attention.temperature_scale", 0.0):
+            raise k.error("attention.temperature_scale", "attention temperature scaling is not supported")
         return cls(
             arch=arch, n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_head_kv=n_head_kv, head_dim=head_dim,
-            n_ff=k.uniform_integer("feed_forward_length"),
+            n_ff=n_ff,
             n_vocab=_gguf_vocab_size(gguf, k),
             rms_eps=k.number("attention.layer_norm_rms_epsilon", 1e-5),
             rope_base=k.number("rope.freq_base", 10000.0, positive=True),
@@ -141,6 +176,9 @@ class ModelConfig:
             qk_norm=has("blk.0.attn_q_norm.weight"),
             attn_bias=has("blk.0.attn_q.bias"),
             n_ctx_train=k.integer("context_length", 0, minimum=0),
+            rope_yarn=yarn,
+            **mla,
+            **moe,
         )
 
     # ------------------------------------------------------------------ HF
@@ -207,9 +245,9 @@ class ModelConfig:
         }
         if not self.tied_embeddings:
             shapes["output.weight"] = (e, self.n_vocab)
-        layer = ARCHITECTURES[self.arch].layer_shapes(self)
+        layer_shapes = ARCHITECTURES[self.arch].layer_shapes          # per layer: leading dense vs MoE
         for i in range(self.n_layer):
-            shapes.update({f"blk.{i}.{name}": shape for name, shape in layer.items()})
+            shapes.update({f"blk.{i}.{name}": shape for name, shape in layer_shapes(self, i).items()})
         return shapes
 
 
@@ -303,8 +341,9 @@ def _gguf_vocab_size(gguf, k: _GGUFKeys) -> int:
                                 f"(no {k.arch}.vocab_size, no tokenizer, no token_embd.weight)")
 
 
-def _gguf_rope_scaling(gguf, k: _GGUFKeys) -> tuple[float, tuple[float, ...] | None]:
-    """(freq_scale, llama3 frequency factors or None) from a GGUF's rope keys and rope_freqs tensor."""
+def _gguf_rope_scaling(gguf, k: _GGUFKeys) -> tuple[float, tuple[float, ...] | None, YarnScaling | None]:
+    """(freq_scale, llama3 frequency factors or None, YaRN parameters or None) from a GGUF's rope
+    keys and rope_freqs tensor; YaRN only for the architectures whose block implements it."""
     src = gguf.path
     # As llama.cpp: the factor (new key, else the old one) gives freq_scale = 1/factor;
     # the type defaults to "linear", and type "none" never scales.
@@ -314,11 +353,14 @@ def _gguf_rope_scaling(gguf, k: _GGUFKeys) -> tuple[float, tuple[float, ...] | N
         factor = k.number("rope.scale_linear", 0.0)
     if factor == 0.0:
         factor = 1.0
-    if scaling not in ("none", "linear") and not (scaling == "yarn" and factor == 1.0):
+    yarn_ok = ARCHITECTURES[k.arch].rope_yarn
+    if scaling not in ("none", "linear") and not (scaling == "yarn" and (factor == 1.0 or yarn_ok)):
         # (YaRN with factor 1 is exactly unscaled rope.)
-        raise UnsupportedModelError(f"{src}: rope scaling type {scaling!r} is not supported "
-                                    "(supported: none, linear, llama3 frequency factors)")
+        raise UnsupportedModelError(f"{src}: rope scaling type {scaling!r} is not supported for {k.arch} "
+                                    f"(supported: none, linear, {'yarn, ' if yarn_ok else ''}llama3 frequency "
+                                    "factors)")
     freq_scale = 1.0 if scaling == "none" else 1.0 / factor
+    yarn = _gguf_yarn(k, factor) if scaling == "yarn" and yarn_ok else None
 
     freq_factors = None
     if "rope_freqs.weight" in gguf.tensors:
@@ -326,7 +368,47 @@ def _gguf_rope_scaling(gguf, k: _GGUFKeys) -> tuple[float, tuple[float, ...] | N
         if not all(math.isfinite(v) and v > 0 for v in freq_factors):
             raise UnsupportedModelError(f"{src}: tensor 'rope_freqs.weight' holds a value that is not a finite "
                                         "positive number")
-    return freq_scale, freq_factors
+    return freq_scale, freq_factors, yarn
+
+
+def _gguf_yarn(k: _GGUFKeys, factor: float) -> YarnScaling:
+    """YaRN parameters as ik_llama.cpp sets them for deepseek2: the original context (default the
+    training context), ``rope.scaling.attn_factor`` (default 1) and ``yarn_log_multiplier``
+    (default 0); ext_factor 1 and beta_fast/slow 32/1 are llama.cpp's defaults (deepseek2 reads
+    no keys for them)."""
+    n_ctx_orig = k.integer("rope.scaling.original_context_length", k.integer("context_length", 0, minimum=0),
+                           minimum=0)
+    if n_ctx_orig == 0:
+        raise k.error("rope.scaling.original_context_length", "YaRN needs the original context length "
+                      "(neither it nor context_length is given)")
+    return YarnScaling(factor=factor, n_ctx_orig=n_ctx_orig,
+                       attn_factor=k.number("rope.scaling.attn_factor", 1.0, positive=True),
+                       log_mul=k.number("rope.scaling.yarn_log_multiplier", 0.0))
+
+
+def _gguf_mla(gguf, k: _GGUFKeys, n_head: int, n_head_kv: int, head_dim: int, n_rot: int,
+              v_dim: int) -> dict[str, Any]:
+    """The multi-head latent attention fields (empty for a model without ``attention.kv_lora_rank``).
+
+    Only ik_llama.cpp's layout (head_count_kv == head_count, key_length = qk_nope + qk_rope) is
+    read; which MLA forms the tensors allow comes from layer 0 (every layer's tensors are then
+    checked against it).
+    """
+    if f"{k.arch}.attention.kv_lora_rank" not in k.md:
+        return {}
+    if n_head_kv != n_head:
+        raise k.error("attention.head_count_kv", f"{n_head_kv} differs from head_count {n_head}: the mainline "
+                      "MLA layout (one kv head, key_length_mla) is not supported; convert with ik_llama.cpp")
+    if n_rot >= head_dim:
+        raise k.error("rope.dimension_count", f"{n_rot} leaves no non-rotated key dims in key_length {head_dim}")
+    has = gguf.tensors.__contains__
+    forms = tuple(f for f, names in (("kv_b", ("attn_kv_b",)), ("k_b", ("attn_k_b", "attn_v_b")))
+                  if all(has(f"blk.0.{n}.weight") for n in names))
+    if not forms:
+        raise UnsupportedModelError(f"{gguf.path}: MLA tensor 'blk.0.attn_kv_b.weight' is missing, and so is the "
+                                    "'blk.0.attn_k_b.weight' + 'blk.0.attn_v_b.weight' pair that can replace it")
+    return dict(q_lora_rank=k.integer("attention.q_lora_rank", 0, minimum=0),
+                kv_lora_rank=k.integer("attention.kv_lora_rank"), v_head_dim=v_dim, mla_forms=forms)
 
 
 def _hf_int(cfg: dict, name: str, path: Path) -> int:

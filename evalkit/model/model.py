@@ -98,7 +98,8 @@ class Rope(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm transformer block: causal GQA self-attention, then a SwiGLU MLP."""
+    """One pre-norm transformer block: causal GQA self-attention, then a SwiGLU MLP, or the
+    mixture-of-experts FFN (:class:`~evalkit.model.moe.MoEFFN`) in a layer with a router."""
 
     def __init__(self, cfg: ModelConfig, t: dict):
         super().__init__()
@@ -111,10 +112,16 @@ class Block(nn.Module):
         self.attn_q_norm = RMSNorm(t["attn_q_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
         self.attn_k_norm = RMSNorm(t["attn_k_norm.weight"], cfg.rms_eps) if cfg.qk_norm else None
         self.attn_output = t["attn_output"]
-        self.ffn_norm = RMSNorm(t["ffn_norm.weight"], cfg.rms_eps)
-        self.ffn_gate = t["ffn_gate"]
-        self.ffn_up = t["ffn_up"]
-        self.ffn_down = t["ffn_down"]
+        # (glm4moe names its FFN norm post_attention_norm)
+        self.ffn_norm = RMSNorm(t.get("ffn_norm.weight", t.get("post_attention_norm.weight")), cfg.rms_eps)
+        self.moe = None
+        if "ffn_gate_inp" in t:                                           # a mixture-of-experts layer
+            from evalkit.model.moe import MoEFFN
+            self.moe = MoEFFN(cfg, t)
+        else:
+            self.ffn_gate = t["ffn_gate"]
+            self.ffn_up = t["ffn_up"]
+            self.ffn_down = t["ffn_down"]
         self.attention = CausalAttention()
 
     def forward(self, x: torch.Tensor, rope: Rope, ws: "Workspace", keep_from: int = 0) -> torch.Tensor:
@@ -144,6 +151,8 @@ class Block(nn.Module):
 
         # --- feed-forward
         h = self.ffn_norm(x, out=ws("h", B, T, E))                        # (B, T, E)
+        if self.moe is not None:                                          # (x + routed) + shared, in place
+            return self.moe(h.view(B * T, E), ws, residual=x)
         g = self.ffn_gate(h, out=ws("g", B, T, self.n_ff))                # (B, T, F)
         u = self.ffn_up(h, out=ws("u", B, T, self.n_ff))                  # (B, T, F)
         torch.ops.evalkit.swiglu(g, u, g)                                 # silu(g) * u, in place
