@@ -12,7 +12,7 @@ def _cmd(args: argparse.Namespace) -> int:
 
     res = perplexity(args.model, args.corpus, args.ctx, args.chunks, args.threads, batch=args.batch,
                      device=args.device, backend=args.backend, backend_threads=args.backend_threads,
-                     ubatch=args.ubatch)
+                     ubatch=args.ubatch, order=args.order, spill_dir=args.spill_dir)
     if args.json:
         with atomic_output(args.json, "w") as fh:
             json.dump(res, fh, indent=1)
@@ -41,4 +41,10 @@ def register(sub) -> None:
                    help="the emulated backend's thread count (its conversion rule depends on it; "
                         "default: physical cores, as llama-perplexity)")
     p.add_argument("--ubatch", type=int, default=512, help="the emulated backend's -ub (default 512)")
+    p.add_argument("--order", choices=("model", "layer"), default="model",
+                   help="model: the whole model per group of chunks (default); layer: one layer at a time over "
+                        "every chunk, for a model larger than memory (same numbers; exact backend, CPU)")
+    p.add_argument("--spill-dir", default=None,
+                   help="with --order layer: where the chunks' hidden states spill when they exceed half the "
+                        "available memory (default: a temporary folder)")
     p.set_defaults(func=_cmd)

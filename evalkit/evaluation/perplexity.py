@@ -16,7 +16,7 @@ __all__ = ["perplexity"]
 def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None = None,
                threads: int | None = None, progress: bool = True, out=sys.stdout, batch: int = 2048,
                device: str = "cpu", backend: str = "exact", backend_threads: int | None = None,
-               ubatch: int = 512) -> dict:
+               ubatch: int = 512, order: str = "model", spill_dir: str | None = None) -> dict:
     """Evaluate a model's perplexity the way llama-perplexity does; returns the JSON-able result.
 
     ``batch`` tokens go through the model per call (``batch // ctx`` chunks, at least one),
@@ -24,11 +24,15 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     ``device``: where the forward pass runs (:mod:`evalkit.devices`; checked first).
     ``backend`` (:mod:`evalkit.backend`): ``exact``, or an emulated backend (``ik-cpu``,
     ``ik-cpu-avx2``; on the CPU) with ``backend_threads`` (default: the physical cores) and
-    llama-perplexity's ``-ub`` ``ubatch``.
+    llama-perplexity's ``-ub`` ``ubatch``. ``order``: ``model`` (the whole model per group of
+    chunks) or ``layer`` (:mod:`evalkit.evaluation.layer_major`: one layer at a time over every
+    chunk, for a model larger than memory; identical numbers; exact backend on the CPU only),
+    whose hidden states spill to ``spill_dir`` (default a temporary folder) past half the
+    available memory.
     """
     from evalkit.corpus import load_corpus_text
     from evalkit.files import sha256_file
-    from evalkit.metrics import PerplexityAccumulator, token_nll
+    from evalkit.metrics import PerplexityAccumulator
     from evalkit.run_config import CorpusSpec
     from evalkit.sources import resolve_model
 
@@ -38,29 +42,32 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     check_backend(backend, backend_threads, ubatch)
     if backend != "exact" and device != "cpu":
         raise BackendError(f"backend {backend!r} is emulated on the CPU; it cannot run on device {device!r}")
+    _check_order(order, device, backend)
     n_threads = configure_threads(threads)
     path = resolve_model(model_spec)
     text, corpus_sha, corpus_desc = load_corpus_text(CorpusSpec(path=corpus))
     tok = tokenizer_for(path)
     cc = chunk_corpus(tok, tok.encode(text), corpus_sha, corpus_desc, ctx, chunks)
-    model = load_model(path, device)
-    if model.config.n_vocab != tok.n_vocab:
+    model = load_model(path, device) if order == "model" else None
+    n_vocab = model.config.n_vocab if model is not None else _n_vocab(path)
+    if n_vocab != tok.n_vocab:
         raise RunError(f"{path}: the tokenizer has {tok.n_vocab} tokens but the model's vocabulary "
-                       f"has {model.config.n_vocab}")
+                       f"has {n_vocab}")
     print(f"perplexity: {cc.n_chunks} chunks of {ctx} tokens from {corpus_desc} ({len(cc.stream)} tokens)",
           file=out, flush=True)
     acc, running = PerplexityAccumulator(), []
-    forwards = [("model", _backend_forward(model, cc.window, backend, backend_threads, ubatch, batch))]
     t0 = time.perf_counter()
-    for group, outputs in evaluate(forwards, cc.chunks, range(cc.n_chunks), chunks_per_call(batch, ctx)):
-        for _, rows, _ in outputs:
-            for j, k in enumerate(group):
-                try:
-                    nll = token_nll(rows[j], cc.targets(k), chunk=k, first_row=cc.window.first_row)
-                except ValueError as e:
-                    raise ScoringError(f"{path}: {e}") from None
-                running.append(acc.add(nll))
-                print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
+    if model is not None:
+        forwards = [("model", _backend_forward(model, cc.window, backend, backend_threads, ubatch, batch))]
+    else:
+        layer_major = _layer_major(path, cc, batch, spill_dir, progress)
+        forwards = [("model", layer_major.forwards["model"])]
+    try:
+        _score(forwards, cc, path, chunks_per_call(batch, ctx), acc, running, out)
+    finally:
+        if model is None:
+            lm_info = layer_major.info()
+            layer_major.close()           # the hidden states (spill files) and the mapping
     dt = time.perf_counter() - t0
     ppl, err = acc.final()
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}", file=out, flush=True)
@@ -70,7 +77,48 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
             "tokens_per_s": cc.n_chunks * ctx / dt if dt > 0 else None,
             "threads": n_threads, "batch": batch, "device": device, "backend": backend,
             "backend_threads": (backend_threads or physical_cores()) if backend != "exact" else None,
-            "ubatch": ubatch if backend != "exact" else None}
+            "ubatch": ubatch if backend != "exact" else None, "order": order,
+            "layer_major": lm_info if model is None else None}
+
+
+def _score(forwards, cc, path, per_call: int, acc, running: list, out) -> None:
+    """Every chunk's NLL into ``acc``, the running PPL printed as ``[k]ppl,`` and kept."""
+    from evalkit.metrics import token_nll
+    for group, outputs in evaluate(forwards, cc.chunks, range(cc.n_chunks), per_call):
+        for _, rows, _ in outputs:
+            for j, k in enumerate(group):
+                try:
+                    nll = token_nll(rows[j], cc.targets(k), chunk=k, first_row=cc.window.first_row)
+                except ValueError as e:
+                    raise ScoringError(f"{path}: {e}") from None
+                running.append(acc.add(nll))
+                print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
+
+
+def _check_order(order: str, device: str, backend: str) -> None:
+    """RunError for an unknown order, or layer-major off the exact CPU forward pass."""
+    if order not in ("model", "layer"):
+        raise RunError(f"order must be 'model' or 'layer', got {order!r}")
+    if order == "layer" and (device != "cpu" or backend != "exact"):
+        raise RunError(f"order 'layer' runs the exact forward pass on the CPU only (got device {device!r}, "
+                       f"backend {backend!r})")
+
+
+def _n_vocab(path) -> int:
+    """The model's vocabulary size from its hyper-parameters (nothing else of it read)."""
+    from evalkit.model.layerwise import LayerwiseModel
+    m = LayerwiseModel(path)
+    try:
+        return m.config.n_vocab
+    finally:
+        m.close()
+
+
+def _layer_major(path, cc, batch: int, spill_dir, progress: bool):
+    """The layer-major pass over every chunk (llama-perplexity's grouping), ready to score."""
+    from evalkit.evaluation.layer_major import layer_major_forwards
+    return layer_major_forwards([("model", path)], cc.chunks, range(cc.n_chunks), chunks_per_call(batch, cc.n_ctx),
+                                cc.window, spill_dir=spill_dir, progress=progress)
 
 
 def _backend_forward(model, window, backend: str, threads: int | None, ubatch: int, batch: int):
