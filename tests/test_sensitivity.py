@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import re
 import shutil
 import subprocess
 
@@ -11,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import GOLDEN, SHARED
+from conftest import GOLDEN, REPO, SHARED
 from evalkit.sensitivity.config import SensitivityConfig, SensitivityError, sensitivity_config
 from evalkit.sensitivity.groups import TensorFacts, candidates_for, make_groups
 
@@ -276,3 +278,113 @@ def test_smollm2_table_shows_fallbacks(tmp_path, corpus):
     assert v["bytes"] == 30 * 192 * 18 * 22 and d["bytes"] == 30 * 576 * 6 * 144
     assert v["kld_mean"] > 0 and d["kld_mean"] > 0
     assert "→Q5_0" in (tmp_path / "smol" / "summary.md").read_text()
+
+
+def test_candidate_bytes_count_row_headers():
+    """Types with a per-row header: bytes = rows × (header + blocks), the header sizes and block
+    bytes taken from the format spec (iqk-formats.md: IQ4_KS float32 + 136/256, IQ2_KS and IQ2_KL
+    fp16 + 70 / 86 per 256, IQ3_KT float32 + 100 per 256)."""
+    g = make_groups([_facts(f"blk.{i}.ffn_down.weight", (1536, 576)) for i in range(2)], 2, "bands", 1)[0]
+    spec = {"IQ4_KS": (4, 136), "IQ2_KS": (2, 70), "IQ2_KL": (2, 86), "IQ3_KT": (4, 100)}
+    for c in candidates_for(g, tuple(spec), has_imatrix=True):
+        header, block = spec[c.requested]
+        assert c.available and not c.fallback and c.type == c.requested
+        assert c.bytes == 2 * 576 * (header + 1536 // 256 * block), c.requested
+
+
+# ---- kld_results.csv read the way GGUF-Tool-Suite's quant_assign.py reads it ------------------
+# Thireus/GGUF-Tool-Suite quant_assign.py (main(), select_qtype(), _convert_value(), the "404"
+# sentinel of the unmeasured-kld inheritance, fetch_map_for_qtype()'s casing checks), re-implemented:
+#   df = pd.read_csv(csv_file); 'QTYPE' must be a column; the row is --qtype's (exact, case-sensitive)
+#   or the one with the smallest first integer in its QTYPE, preferring names not ending in '_bn';
+#   each tensor column's cell is '404' (unmeasured), a float, or a percentage string; NaN is an error.
+
+def _extract_quant_num(q: str) -> float:
+    m = re.search(r"(\d+)", q)
+    return int(m.group(1)) if m else math.inf
+
+
+def _is_404(v) -> bool:
+    if isinstance(v, str):
+        return v.strip() in ("404", "404.0", "404%", "404.0%")
+    try:
+        return float(v) == 404.0
+    except (TypeError, ValueError):
+        return False
+
+
+def _convert_value(v) -> float:
+    if isinstance(v, str) and v.endswith("%"):
+        return float(v.rstrip("%")) / 100.0
+    return float(v)
+
+
+def _quant_assign_read(path, qtype: str | None = None):
+    """(selected QTYPE, {tensor: kld}, [unmeasured tensors]) as quant_assign.py gets them."""
+    df = pd.read_csv(path)
+    assert "QTYPE" in df.columns, "Error: CSV must have 'QTYPE' as first column."
+    if qtype is not None:
+        assert qtype in df["QTYPE"].values, f"Error: qtype '{qtype}' not found in CSV."
+        row = df[df["QTYPE"] == qtype].iloc[0]
+    else:
+        df["__quant_num__"] = df["QTYPE"].map(_extract_quant_num)
+        non_bn = df[~df["QTYPE"].str.endswith("_bn")]
+        row = (non_bn if not non_bn.empty else df).nsmallest(1, "__quant_num__").iloc[0]
+        df = df.drop(columns="__quant_num__")
+    values, unmeasured = {}, []
+    for name in (c for c in df.columns if c != "QTYPE"):          # --tensors-from-csv
+        raw = row[name]
+        if _is_404(raw):
+            unmeasured.append(name)
+            continue
+        assert not pd.isna(raw), f"missing metric for {name}"
+        v = _convert_value(raw)
+        assert not np.isnan(v), f"Error: could not parse numeric value for tensor {name!r}: {raw!r}"
+        values[name] = v
+    return row["QTYPE"], values, unmeasured
+
+
+def _canonical_casing(q: str) -> bool:
+    """fetch_map_for_qtype's checks: q…k must end in K, q…kv in KV, and no name all upper case."""
+    if re.match(r"^q.*kv$", q, re.I):
+        return bool(re.match(r"^q.*KV$", q)) and not q.isupper()
+    if re.match(r"^q.*k$", q, re.I):
+        return bool(re.match(r"^q.*K$", q)) and not q.isupper()
+    return not q.isupper()
+
+
+def test_kld_results_csv_loads_like_quant_assign(tiny_pass, tmp_path):
+    """Our kld_results.csv read as quant_assign.py reads it: every row selectable, every value the
+    table's mean KLD; an unmeasured (group, type) is the '404' sentinel it treats as unmeasured."""
+    import dataclasses
+    from evalkit.sensitivity.outputs import kld_results_csv
+    tmp, res = tiny_pass
+    path = tmp / "tiny" / "kld_results.csv"
+    by = {(r["group"], r["requested_type"]): r["kld_mean"] for r in res.rows}
+    names = [n for g in res.groups for n in g.names]
+    q, values, unmeasured = _quant_assign_read(path)
+    assert q == "iq2_k" and not unmeasured and set(values) == set(names)   # lowest quant by default
+    for typ in TYPES:
+        q, values, _ = _quant_assign_read(path, typ.lower())
+        assert _canonical_casing(q)
+        for n in names:
+            assert values[n] == pytest.approx(by[(n[:-len(".weight")], typ)], abs=5e-7)
+    # a (group, type) that could not be measured: NaN in the table, '404' in the file
+    rows = [dict(r) for r in res.rows]
+    lost = next(r for r in rows if r["group"] == "blk.1.attn_v" and r["requested_type"] == "IQ2_K")
+    lost.update(available=False, kld_mean=float("nan"))
+    other = tmp_path / "kld_results.csv"
+    other.write_text(kld_results_csv(dataclasses.replace(res, rows=rows)))
+    _, values, unmeasured = _quant_assign_read(other, "iq2_k")
+    assert unmeasured == ["blk.1.attn_v.weight"] and len(values) == len(names) - 1
+
+
+def test_committed_kld_results_load_like_quant_assign():
+    """The committed SmolLM2 kld_results.csv (fallback types included) loads there too."""
+    path = REPO / "results" / "smollm2-recipes-kld_results.csv"
+    qtypes = list(pd.read_csv(path)["QTYPE"])
+    assert qtypes == ["iq2_k", "iq3_k", "iq4_k", "iq5_k", "iq6_k", "q8_0"]
+    for q in qtypes:
+        got, values, unmeasured = _quant_assign_read(path, q)
+        assert got == q and _canonical_casing(q) and not unmeasured
+        assert len(values) == 30 * 7 + 1 and all(v >= 0 for v in values.values())

@@ -80,14 +80,11 @@ def filevercmp(a: str, b: str) -> int:
 
 
 def qtype_name(type_name: str) -> str:
-    """A type as GGUF-Tool-Suite spells it: lower case, trailing ``_K`` / ``_KV`` of the
-    k-quants upper case (``IQ4_K`` → ``iq4_k``, ``Q6_K`` → ``q6_K``)."""
-    q = type_name.lower()
-    if re.fullmatch(r"q[^_]+_kv", q):
-        return q[:-3] + "_KV"
-    if re.fullmatch(r"q[^_]+_k", q):
-        return q[:-2] + "_K"
-    return q
+    """A type as GGUF-Tool-Suite spells it (its ``canonical_qtype``): ggml's own spelling,
+    lower case with the k-quants' trailing ``_K`` / ``_KV`` upper case (``IQ4_K`` → ``iq4_k``,
+    ``Q6_K`` → ``q6_K``)."""
+    from evalkit.sensitivity.rules_text import ggml_type_name
+    return ggml_type_name(type_name)
 
 
 def kld_results_csv(result) -> str:
