@@ -17,9 +17,13 @@ docs/imatrix.md §2):
 Nothing is kept per token: each call adds its Σx² (float32 over one call's rows, then
 float64 across calls) and its row count to the weight's accumulator.
 
-Experts (MoE) plug in through :meth:`ImatrixCollector.add_expert_rows`, keyed by
-(weight name, expert): a MoE layer's hook passes the rows routed to its experts and
-their expert ids; sums and counts are then kept per expert, as the reference keeps them.
+Experts (MoE, the reference's ``MUL_MAT_ID``; docs/imatrix.md §2.3): one entry per 3-D
+weight ``blk.N.ffn_{gate,up,down}_exps.weight`` with sums and counts per expert. gate and
+up see the token rows routed to the expert, down the expert's own SwiGLU output rows; every
+row counts (the 16-row minimum is the dense ``MUL_MAT``'s only), and ncall grows by one per
+micro-batch whatever the routing. :meth:`ImatrixCollector.hooked` observes each expert
+through :meth:`evalkit.model.moe.ExpertLinears.observe`; the router (``ffn_gate_inp``) and
+shared experts (``ffn_*_shexp``) are plain ``MUL_MAT`` operations, collected as dense weights.
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ import numpy as np
 
 from evalkit.imatrix import ImatrixEntry, ImatrixError, ImatrixStats
 
-__all__ = ["ImatrixCollector", "DEFAULT_UBATCH", "MIN_UBATCH_TOKENS", "counted_positions"]
+__all__ = ["ImatrixCollector", "DEFAULT_UBATCH", "MIN_UBATCH_TOKENS", "collected_modules", "counted_positions",
+           "expert_modules"]
 
 DEFAULT_UBATCH = 512        # llama.cpp's default micro-batch (-ub)
 MIN_UBATCH_TOKENS = 16      # imatrix.cpp skips matrix multiplications of fewer rows
@@ -67,6 +72,7 @@ class ImatrixCollector:
     ubatch: int = DEFAULT_UBATCH
     _acc: dict[str, _Accumulator] = field(default_factory=dict)
     _last: tuple | None = None       # (input tensor, its version, rows) → Σx² of the last call
+    _batch: int | None = None        # sequences in the current forward call (from the blocks' input)
 
     def _entry(self, name: str, n_mat: int, n_per_row: int) -> _Accumulator:
         acc = self._acc.get(name)
@@ -77,36 +83,48 @@ class ImatrixCollector:
                                f"{(n_mat, n_per_row)}")
         return acc
 
-    def _square_sums(self, x, keep: int):
+    def _square_sums(self, x, keep: int, key=None):
         """Σx² over the first ``keep`` positions of x (B, T, n), float32 (n,). The same input
         fed to several weights in a row (q, k, v; gate, up) is reduced once: the same tensor
         object (kept alive here, so its identity cannot be reused) whose version counter has
         not moved. Inference tensors have no counter, so a layer must not modify one weight's
         input in place before passing it to the next (evalkit's blocks never do)."""
-        version = _version(x)
+        key = x if key is None else key             # the caller's tensor when x is a view of it
+        version = _version(key)
         last = self._last
-        if last is not None and last[0] is x and last[1] == version and last[2] == keep:
+        if last is not None and last[0] is key and last[1] == version and last[2] == keep:
             return last[3]
         xs = x[:, :keep] if keep < x.shape[1] else x
         sq = (xs * xs).sum(dim=(0, 1))
-        self._last = (x, version, keep, sq)
+        self._last = (key, version, keep, sq)
         return sq
 
-    def add_dense(self, name: str, x) -> None:
+    def add_dense(self, name: str, x, index: int = 0, n_mat: int = 1) -> None:
         """One weight's input x (B, T, n) (T positions from 0 of each of B sequences):
-        its counted rows go into ``name``'s sums, one call per counted micro-batch."""
+        its counted rows go into ``name``'s sums, one call per counted micro-batch.
+
+        A 2-D input (B·T, n) (the MoE layer's flattened tokens) is split back into the
+        current call's B sequences. ``index`` / ``n_mat``: the input of matrix ``index`` of
+        an ``n_mat``-matrix weight (per-head slices of a 3-D tensor, as the reference keeps
+        them); the call is counted once, with matrix 0.
+        """
         import torch
+        src = x
         if x.dim() == 2:
-            x = x.unsqueeze(0)
+            b = self._batch or 1
+            if x.shape[0] % b:
+                raise ImatrixError(f"imatrix: {name!r}: {x.shape[0]} rows do not split into {b} sequences")
+            x = x.view(b, x.shape[0] // b, x.shape[1])
         keep, calls = counted_positions(int(x.shape[1]), self.ubatch)
         if calls == 0:
             return
         with torch.no_grad():
-            sq = self._square_sums(x, keep)
-        acc = self._entry(name, 1, int(x.shape[-1]))
-        acc.sums[0] += sq.double().numpy()
-        acc.counts[0] += int(x.shape[0]) * keep
-        acc.ncall += int(x.shape[0]) * calls
+            sq = self._square_sums(x, keep, src)
+        acc = self._entry(name, n_mat, int(x.shape[-1]))
+        acc.sums[index] += sq.double().numpy()
+        acc.counts[index] += int(x.shape[0]) * keep
+        if index == 0:
+            acc.ncall += int(x.shape[0]) * calls
 
     def add_expert_rows(self, name: str, rows, expert_ids, n_experts: int, calls: int = 1) -> None:
         """Rows (R, n) routed to experts ``expert_ids`` (R,) of an ``n_experts``-matrix weight
@@ -127,21 +145,61 @@ class ImatrixCollector:
         acc.counts += np.bincount(ids.numpy(), minlength=n_experts)
         acc.ncall += int(calls)
 
+    def add_expert(self, name: str, expert: int, rows, n_experts: int) -> None:
+        """Rows (R, n) that expert ``expert`` of an ``n_experts``-matrix weight multiplies:
+        all of them count, into that expert's sums and count (calls: :meth:`add_expert_calls`)."""
+        import torch
+        acc = self._entry(name, int(n_experts), int(rows.shape[-1]))
+        with torch.no_grad():
+            sq = (rows * rows).sum(dim=0)                # float32 over the call's rows
+        acc.sums[expert] += sq.double().numpy()
+        acc.counts[expert] += int(rows.shape[0])
+
+    def add_expert_calls(self, name: str, n_experts: int, n_per_row: int, n_rows: int) -> None:
+        """One MoE forward over ``n_rows`` token rows (the current call's sequences): ncall
+        grows by the micro-batches, all of them, small ones too (the reference collects every
+        ``MUL_MAT_ID``)."""
+        b = self._batch or 1
+        if n_rows % b:
+            raise ImatrixError(f"imatrix: {name!r}: {n_rows} rows do not split into {b} sequences")
+        acc = self._entry(name, int(n_experts), int(n_per_row))
+        acc.ncall += b * -(-(n_rows // b) // self.ubatch)
+
     @contextmanager
     def hooked(self, model, process_output: bool = False):
         """Collect from ``model``'s linear layers while inside the block (hooks removed after)."""
-        handles = [module.register_forward_pre_hook(self._hook(name))
-                   for name, module in collected_modules(model, process_output)]
+        handles = [blk.register_forward_pre_hook(self._block_hook()) for blk in getattr(model, "blk", [])]
+        for name, module, index, n_mat in collected_modules(model, process_output, with_index=True):
+            handles.append(module.register_forward_pre_hook(self._hook(name, index, n_mat)))
+        for name, moe, experts in expert_modules(model):
+            handles += experts.observe(self._expert_hook(name, len(experts)))
+            handles.append(moe.register_forward_hook(self._calls_hook(name, len(experts), experts.in_features)))
         try:
             yield self
         finally:
             for h in handles:
                 h.remove()
             self._last = None
+            self._batch = None
 
-    def _hook(self, name: str):
+    def _block_hook(self):
         def hook(module, args):
-            self.add_dense(name, args[0])
+            self._batch = int(args[0].shape[0])          # x (B, T, E): the sequences of this call
+        return hook
+
+    def _hook(self, name: str, index: int = 0, n_mat: int = 1):
+        def hook(module, args):
+            self.add_dense(name, args[0], index, n_mat)
+        return hook
+
+    def _expert_hook(self, name: str, n_experts: int):
+        def hook(expert, rows):
+            self.add_expert(name, expert, rows, n_experts)
+        return hook
+
+    def _calls_hook(self, name: str, n_experts: int, n_per_row: int):
+        def hook(module, args, output):          # after the layer: entries keep the forward's order
+            self.add_expert_calls(name, n_experts, n_per_row, int(args[0].shape[0]))
         return hook
 
     def stats(self, chunks: int, chunk_size: int, datasets: list[str]) -> ImatrixStats:
@@ -162,16 +220,47 @@ def _version(x) -> int | None:
         return None
 
 
-def collected_modules(model, process_output: bool = False) -> list[tuple[str, object]]:
-    """(imatrix entry name, module) of every linear layer llama-imatrix collects from."""
+def _entry_name(layer: int, path: str) -> tuple[str, int | None]:
+    """(imatrix entry name, head index or None) of a linear module at ``path`` inside block
+    ``layer``: the GGUF tensor name, whatever containers (``attention``, ``moe``) hold it;
+    a trailing number is a per-head slice of a 3-D tensor (MLA's attn_k_b / attn_v_b)."""
+    parts = path.split(".")
+    if parts[-1].isdigit() and len(parts) > 1:
+        return f"blk.{layer}.{parts[-2]}.weight", int(parts[-1])
+    return f"blk.{layer}.{parts[-1]}.weight", None
+
+
+def collected_modules(model, process_output: bool = False, with_index: bool = False) -> list[tuple]:
+    """(imatrix entry name, module) of every dense linear layer llama-imatrix collects from
+    (experts excluded: :func:`expert_modules`); with ``with_index`` also (matrix index,
+    matrices) for per-head slices of one 3-D weight, (0, 1) otherwise."""
+    from evalkit.model.moe import ExpertLinears
     from evalkit.model.qlinear import QLinear
 
     out = []
-    for name, module in model.named_modules():
-        if not isinstance(module, QLinear):
-            continue
-        if name.startswith("blk."):
-            out.append((name + ".weight", module))
-        elif name == "output" and process_output and not model.config.tied_embeddings:
-            out.append(("output.weight", module))
+    for layer, blk in enumerate(getattr(model, "blk", [])):
+        experts = {id(q) for m in blk.modules() if isinstance(m, ExpertLinears) for q in m.experts}
+        modules = dict(blk.named_modules())
+        for path, module in modules.items():
+            if not isinstance(module, QLinear) or id(module) in experts:
+                continue
+            name, head = _entry_name(layer, path)
+            n_mat = len(modules[path.rsplit(".", 1)[0]]) if head is not None else 1
+            out.append((name, module, head or 0, n_mat) if with_index else (name, module))
+    output = getattr(model, "output", None)
+    if process_output and isinstance(output, QLinear) and not model.config.tied_embeddings:
+        out.append(("output.weight", output, 0, 1) if with_index else ("output.weight", output))
+    return out
+
+
+def expert_modules(model) -> list[tuple[str, object, object]]:
+    """(entry name, its MoE layer, its :class:`~evalkit.model.moe.ExpertLinears`) of every
+    expert weight ``blk.N.ffn_{gate,up,down}_exps.weight``."""
+    from evalkit.model.moe import MoEFFN
+
+    out = []
+    for layer, blk in enumerate(getattr(model, "blk", [])):
+        for moe in (m for m in blk.modules() if isinstance(m, MoEFFN)):
+            for part in ("gate", "up", "down"):
+                out.append((f"blk.{layer}.ffn_{part}_exps.weight", moe, getattr(moe, f"ffn_{part}_exps")))
     return out

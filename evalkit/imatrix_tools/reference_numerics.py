@@ -76,8 +76,12 @@ def _reference_tables(cfg):
 @contextmanager
 def reference_numerics(model):
     """Within the block, ``model``'s attention sees fp16 keys/values and its rotary embedding
-    uses the reference's float32 angles."""
+    uses the reference's float32 angles (MLA models: their own fp16-cache switch only)."""
     blocks = list(model.blk)
+    if any(_is_mla(b) for b in blocks):
+        with _mla_half_kv(blocks):
+            yield model
+        return
     missing = [i for i, b in enumerate(blocks) if not callable(getattr(b, "attention", None))]
     rope = getattr(model, "rope", None)
     if missing or not callable(getattr(rope, "tables", None)):
@@ -93,3 +97,22 @@ def reference_numerics(model):
         for b, a in zip(blocks, saved):
             b.attention = a
         rope.__dict__.pop("tables", None)
+
+
+def _is_mla(block) -> bool:
+    return hasattr(getattr(block, "attention", None), "half_kv")
+
+
+@contextmanager
+def _mla_half_kv(blocks):
+    """MLA layers (deepseek2) round what the reference keeps in its fp16 cache themselves
+    (``MLAttention.half_kv``); their YaRN rope is their own, left exact (float64 angles)."""
+    layers = [b.attention for b in blocks if _is_mla(b)]
+    saved = [a.half_kv for a in layers]
+    try:
+        for a in layers:
+            a.half_kv = True
+        yield
+    finally:
+        for a, h in zip(layers, saved):
+            a.half_kv = h

@@ -15,7 +15,7 @@ from evalkit.errors import EvalkitError, RunError
 
 __all__ = ["cached_imatrix", "imatrix_fingerprint", "CACHE_FORMAT"]
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2      # 2: MoE experts collected per expert (format-1 files of MoE models lack them)
 
 
 def imatrix_fingerprint(base_sha256: str, corpus_sha256: str, spec) -> str:

@@ -54,6 +54,12 @@ class ExpertLinears(nn.Module):
     def __len__(self) -> int:
         return len(self.experts)
 
+    def observe(self, fn) -> list:
+        """Call ``fn(e, rows)`` with the (R, in_features) rows expert ``e`` is about to multiply
+        (importance matrices: evalkit.imatrix_tools). The forward must call ``self[e]`` on
+        exactly the rows routed to expert ``e``. Returns the hook handles (``.remove()`` them)."""
+        return [q.register_forward_pre_hook(lambda m, args, e=e: fn(e, args[0])) for e, q in enumerate(self.experts)]
+
     def extra_repr(self) -> str:
         return f"n_expert={len(self.experts)}, in_features={self.in_features}, rows={self.rows}, type={self.type_name}"
 

@@ -19,7 +19,7 @@ from evalkit.errors import EvalkitError, InputError
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
 from evalkit.recipes.options import TypeOptions
-from evalkit.recipes.plan import QuantPlan, TensorPlan, build_plan, kernel_gaps
+from evalkit.recipes.plan import QuantPlan, TensorPlan, build_plan, check_kernels
 from evalkit.sources import TensorSource, open_source
 
 __all__ = ["quantize_tensor", "quantize_model", "load_imatrix_arg", "check_finite_rows", "NonFiniteWeightError"]
@@ -93,7 +93,9 @@ def quantize_tensor(source: TensorSource, tp: TensorPlan, imatrix: np.ndarray | 
     for e in range(nslices):
         vec = imatrix[e * ne0:(e + 1) * ne0]
         if vec.shape[0] != ne0:
-            raise ValueError(f"tensor {tp.name!r}: imatrix has no slice for matrix {e}")
+            from evalkit.imatrix import ImatrixError
+            raise ImatrixError(f"tensor {tp.name!r}: the imatrix has {imatrix.shape[0]} values, no slice of "
+                               f"{ne0} for matrix {e} of {nslices}")
         out[e * ne1:(e + 1) * ne1] = quantize(x[e * ne1:(e + 1) * ne1], tp.dst_type, imatrix=vec,
                                               threads=threads)
     return out
@@ -153,9 +155,7 @@ def quantize_model(src: str | Path | TensorSource, out: str | Path | None, ftype
             return plan
         if out is None:
             raise ValueError("no output path given (only --dry-run works without one)")
-        gaps = kernel_gaps(plan)
-        if gaps:
-            raise NotImplementedError("this build of evalkit's kernels lacks: " + "; ".join(gaps))
+        check_kernels(plan)          # KernelGapError: read-only target types, kernels missing from the build
         from evalkit.codec import default_threads
         from evalkit.gguf import TensorSpec, write_gguf
 

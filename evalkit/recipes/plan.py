@@ -12,17 +12,24 @@ from typing import Any
 import numpy as np
 from gguf import GGUFValueType
 
+from evalkit.errors import EvalkitError
 from evalkit.formats import get_format
 from evalkit.recipes.ftypes import FType, get_ftype
 from evalkit.recipes.options import CLASS_OPTIONS, RuleError, TypeOptions
 from evalkit.recipes.rules import IGNORED_CLASS_OPTIONS, ModelFacts, assign_types
 
 __all__ = ["TensorPlan", "QuantPlan", "build_plan", "check_model_metadata", "find_imatrix_entry",
-           "output_metadata", "kernel_gaps", "GGML_QNT_VERSION"]
+           "output_metadata", "kernel_gaps", "check_kernels", "KernelGapError", "GGML_QNT_VERSION"]
 
 GGML_QNT_VERSION = 2
 _SPLIT_KEYS = ("split.no", "split.count", "split.tensors.count")
 _MiB = 1024.0 * 1024.0
+
+
+class KernelGapError(EvalkitError, NotImplementedError):
+    """The plan needs a kernel evalkit does not have: a read-only (dequantize-only) target type
+    such as IQ4_XS or Q8_KV, or a quantizer/dequantizer missing from this build. The message
+    names each type and the tensors that need it."""
 
 
 @dataclass
@@ -322,13 +329,27 @@ def build_plan(source: Any, ftype: FType | str, options: TypeOptions, imatrix: A
 
 
 def kernel_gaps(plan: QuantPlan) -> list[str]:
-    """What the compiled kernels lack to carry out ``plan`` (empty when everything is there)."""
+    """What the compiled kernels lack to carry out ``plan`` (empty when everything is there):
+    one line per missing kernel, naming the type and the tensors that need it."""
     gaps: dict[str, list[str]] = {}
     for t in plan.tensors:
         if not t.quantize:
             continue
         if t.src_type != "F32" and not get_format(t.src_type).can_dequantize:
-            gaps.setdefault(f"dequantizer for {t.src_type}", []).append(t.name)
-        if not get_format(t.dst_type).can_quantize:
-            gaps.setdefault(f"quantizer for {t.dst_type}", []).append(t.name)
-    return [f"{k} (needed by {', '.join(v[:3])}{' ...' if len(v) > 3 else ''})" for k, v in gaps.items()]
+            gaps.setdefault(f"no dequantizer for {t.src_type} in this build", []).append(t.name)
+        fmt = get_format(t.dst_type)
+        if not fmt.quantizable:
+            # by design, not a build problem: evalkit only reads these from published files
+            gaps.setdefault(f"{t.dst_type} is read-only in evalkit (dequantize-only, no quantizer); "
+                            "choose another type", []).append(t.name)
+        elif not fmt.can_quantize:
+            gaps.setdefault(f"no quantizer for {t.dst_type} in this build", []).append(t.name)
+    return [f"{k}: needed by {', '.join(v[:3])}{f' and {len(v) - 3} more' if len(v) > 3 else ''}"
+            for k, v in gaps.items()]
+
+
+def check_kernels(plan: QuantPlan) -> None:
+    """KernelGapError naming every type and tensor ``plan`` needs a missing kernel for."""
+    gaps = kernel_gaps(plan)
+    if gaps:
+        raise KernelGapError(f"{plan.source}: cannot quantize: " + "; ".join(gaps))
