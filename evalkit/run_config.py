@@ -119,6 +119,10 @@ class RunConfig:
     output_dir: str = "results"
     base_logits: str | None = None   # score against a llama-perplexity base-logits file
     write_base_logits: str | None = None  # write our base pass as such a file
+    base_cache: str | None = None    # the base's final hidden states: written by the first run, read by later ones
+    resident: str = "all"            # "all" models loaded together, or "one" at a time (needs base_cache/base_logits)
+    order: str = "model"             # "model" (whole models per group of chunks) or "layer" (evaluation.layer_major_run)
+    spill_dir: str | None = None     # order: layer: where hidden states spill (default <run>/hidden-states)
     variants: list[VariantSpec] = field(default_factory=list)
     config_dir: str = "."            # where relative paths in the file are resolved (not a YAML key)
 
@@ -267,6 +271,45 @@ def _variant(value, i: int, where: str) -> VariantSpec:
         raise ConfigError(f"{w} ({name}): {e}") from None
 
 
+RESIDENT_MODES = ("all", "one")
+
+
+def _check_base_side(d: dict, source: str) -> None:
+    """``base_cache`` and ``base_logits`` are two sources of the base (one at most); ``resident: one``
+    needs one of them, so that no model has to stay loaded beside the variants."""
+    if d.get("base_cache") and d.get("base_logits"):
+        raise ConfigError(f"{source}: give at most one of 'base_cache' and 'base_logits' (both are the base)")
+    resident = d.get("resident", "all")
+    if resident not in RESIDENT_MODES:
+        raise ConfigError(f"{source}: 'resident' must be one of {', '.join(RESIDENT_MODES)}, got {resident!r}")
+    if resident == "one" and not (d.get("base_cache") or d.get("base_logits")):
+        raise ConfigError(f"{source}: 'resident: one' evaluates one model at a time against a stored base: "
+                          "set 'base_cache' (written by the first run) or 'base_logits'")
+
+
+ORDERS = ("model", "layer")
+
+
+def _check_order(d: dict, source: str) -> None:
+    """``order``: model or layer; layer-major runs the exact forward on the CPU over models it loads
+    itself, so it takes no stored base (base_cache), no one-at-a-time mode and no emulated backend."""
+    order = _expect(d.get("order", "model"), str, source, "order")
+    _expect(d.get("spill_dir"), str, source, "spill_dir")
+    if order not in ORDERS:
+        raise ConfigError(f"{source}: 'order' must be one of {', '.join(ORDERS)}, got {order!r}")
+    if order == "model" and d.get("spill_dir"):
+        raise ConfigError(f"{source}: 'spill_dir' applies to 'order: layer' only")
+    if order == "layer":
+        lens = [v.get("name") or v.get("ftype") for v in d.get("variants") or []
+                if isinstance(v, dict) and v.get("backend", "exact") != "exact"]
+        clash = [k for k, bad in (("base_cache", d.get("base_cache")), ("resident: one", d.get("resident") == "one"),
+                                  ("device: " + str(d.get("device")), d.get("device", "cpu") != "cpu"),
+                                  (f"an emulated backend (variants {lens})", lens)) if bad]
+        if clash:
+            raise ConfigError(f"{source}: 'order: layer' (the exact forward on the CPU, every model one layer at a "
+                              f"time) does not combine with {', '.join(clash)}")
+
+
 def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".") -> RunConfig:
     """Validate a parsed YAML document into a RunConfig."""
     if not isinstance(data, dict):
@@ -280,8 +323,10 @@ def config_from_dict(data: Any, source: str = "<config>", config_dir: str = ".")
         d["corpus"] = _corpus(d["corpus"], source)
     for k in ("ctx", "chunks", "threads", "batch"):
         _expect(d.get(k), int, source, k)
-    for k in ("base", "output_dir", "base_logits", "write_base_logits"):
+    for k in ("base", "output_dir", "base_logits", "write_base_logits", "base_cache", "resident"):
         _expect(d.get(k), str, source, k)
+    _check_base_side(d, source)
+    _check_order(d, source)
     if "device" in d:                # the name's form only: availability is checked when the run starts
         try:
             check_device_name(d["device"])

@@ -297,3 +297,43 @@ def test_chunks_per_call_do_not_change_the_statistics(tmp_path, corpus):
     for key in ("kld_mean", "ppl"):
         np.testing.assert_allclose(np.asarray(a["variants"]["Q8_0"][key], float),
                                    np.asarray(b["variants"]["Q8_0"][key], float), rtol=1e-4, atol=1e-7)
+
+
+# ------------------------------------------------------------------ device, fingerprint, leftovers
+
+def test_run_from_python_honours_the_config_device_and_fingerprints_it(tmp_path, corpus, monkeypatch):
+    import evalkit.evaluation.forward as fw
+    real, devices = fw.load_model, []
+
+    def recording(path, device="cpu"):
+        devices.append(device)
+        return real(path, device)
+    monkeypatch.setattr(fw, "load_model", recording)
+    state = tmp_path / "results" / "tiny" / "partial" / "state.json"
+    run(_cfg(tmp_path, corpus, chunks=2, variants=[]), progress=False)
+    on_cpu = json.loads(state.read_text())["fingerprint"]
+    run(_cfg(tmp_path, corpus, chunks=2, variants=[], device="cpu-torch"), progress=False)
+    # the device reached the forward pass, and the chunks of the CPU run were not reused
+    assert devices == ["cpu", "cpu-torch"]
+    assert json.loads(state.read_text())["fingerprint"] != on_cpu
+
+
+def test_an_unavailable_device_fails_before_anything_runs(tmp_path, corpus):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is available here")
+    from evalkit.devices import DeviceError
+    with pytest.raises(DeviceError):
+        run(_cfg(tmp_path, corpus, device="cuda"), progress=False)
+    assert not (tmp_path / "results" / "tiny" / "models").exists()
+
+
+def test_leftover_temporaries_of_the_imatrix_folder_are_removed(tmp_path, corpus):
+    # <out>/imatrix/ holds the imatrices a run computes for its variants, written through temporaries
+    junk = tmp_path / "results" / "tiny" / "imatrix" / ".IQ4_K.dat.abc123.tmp"
+    junk.parent.mkdir(parents=True)
+    junk.write_text("junk")
+    keep = junk.parent / "IQ4_K.dat"
+    keep.write_text("a finished imatrix stays")
+    run(_cfg(tmp_path, corpus, chunks=2, variants=[]), progress=False)
+    assert not junk.exists() and keep.is_file()

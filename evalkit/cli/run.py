@@ -5,26 +5,20 @@ import argparse
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import functools
-
-    from evalkit.devices import check_device_name, resolve_device
-    from evalkit.evaluation.forward import exact_forward
+    from evalkit.devices import check_device_name
     from evalkit.pipeline import run
     from evalkit.run_config import load_config
 
     cfg = load_config(args.config)
     if args.device is not None:
         cfg.device = check_device_name(args.device)
-    resolve_device(cfg.device)          # an unavailable device fails before anything is quantized
     if args.chunks is not None:
         cfg.chunks = args.chunks
     if args.threads is not None:
         cfg.threads = args.threads
     if args.output_dir is not None:
         cfg.output_dir = args.output_dir
-    # the default factory runs on the CPU; another device is bound into it
-    make_forward = None if cfg.device == "cpu" else functools.partial(exact_forward, device=cfg.device)
-    out = run(cfg, progress=not args.no_progress, restart=args.restart, make_forward=make_forward)
+    out = run(cfg, progress=not args.no_progress, restart=args.restart)     # run() honours cfg.device
     print(f"\nresults written to {out}")
     return 0
 

@@ -8,6 +8,9 @@ Stages, one module each (read them in this order):
 * :mod:`.loop`      — :func:`evaluate`: groups of chunks through every forward callable;
 * :mod:`.reference` — the base side of a comparison (a forward callable or a logits file);
 * :mod:`.store`     — finished chunks on disk, resume, fingerprint;
+* :mod:`.base_cache`, :mod:`.base_cache_run` — the base kept as its final hidden states (a
+  run's ``base_cache``), read back as exact logits without loading the base model;
+* :mod:`.one_at_a_time` — ``resident: one``: each model loaded, run over every chunk, released;
 * :mod:`.aggregate` — finished chunks → a typed :class:`RunTotals`;
 * :mod:`.perplexity` — ``evalkit perplexity`` on top of the same pieces.
 

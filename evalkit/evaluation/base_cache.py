@@ -165,7 +165,7 @@ class HiddenCapture:
         self.model, self.last, self._handle = model, None, None
 
     def _hook(self, module, args, kwargs):
-        self.last = args[0].detach().numpy().copy()
+        self.last = args[0].detach().cpu().numpy().copy()     # .cpu(): a model on a device
 
     def __enter__(self) -> "HiddenCapture":
         self._handle = self.model.output.register_forward_pre_hook(self._hook, with_kwargs=True)

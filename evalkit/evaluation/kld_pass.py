@@ -6,7 +6,7 @@ each finished chunk is saved to the :class:`~evalkit.evaluation.store.ChunkStore
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -70,17 +70,21 @@ class _Limited:
 def run_kld_pass(cc: ChunkedCorpus, store: ChunkStore, todo: Sequence[int], per_call: int,
                  base: ForwardFn | None, variants: Sequence[tuple[str, ForwardFn]], base_file=None,
                  want_records: bool = False, progress: bool = False, desc: str = "chunks",
-                 limits: Mapping[str, int] | None = None) -> None:
+                 limits: Mapping[str, int] | None = None, first_index: int = 0,
+                 after_base: Callable[[list[int]], None] | None = None) -> None:
     """Evaluate chunks ``todo``: ``base`` (None: read ``base_file``) and each ``(name, forward)``.
 
     ``limits`` maps a variant name to the number of leading chunks it is scored on (chunks
     beyond it get no arrays for that variant); the others are scored on every chunk.
+    ``first_index``: the run-wide index of the first variant (its arrays are ``v<index>_*``),
+    for a pass over some of the run's variants. ``after_base(group)`` is called right after
+    each base forward call (to keep what the model holds then, e.g. its hidden states).
     """
     limits = limits or {}
     group_now: list = []            # the group being evaluated, seen by the limited callables
     wrapped = [(name, _Limited(fn, limits[name], group_now) if name in limits else fn) for name, fn in variants]
-    names = {_variant_key(i): name for i, (name, _) in enumerate(wrapped)}
-    fns = {_variant_key(i): fn for i, (_, fn) in enumerate(wrapped)}
+    names = {_variant_key(i): name for i, (name, _) in enumerate(wrapped, first_index)}
+    fns = {_variant_key(i): fn for i, (_, fn) in enumerate(wrapped, first_index)}
     forwards = ([(BASE_KEY, base)] if base is not None else []) + list(fns.items())
     records = store if want_records else None
     for group, outputs in evaluate(forwards, cc.chunks, todo, per_call, progress, desc):
@@ -89,6 +93,8 @@ def run_kld_pass(cc: ChunkedCorpus, store: ChunkStore, todo: Sequence[int], per_
         bases = _base_chunks(cc, group, arrays, None, 0.0, base_file, None) if base is None else None
         for key, rows, seconds in outputs:
             if key == BASE_KEY:
+                if after_base is not None:
+                    after_base(group)
                 bases = _base_chunks(cc, group, arrays, rows, seconds, None, records)
                 continue
             if isinstance(fns[key], _Limited):

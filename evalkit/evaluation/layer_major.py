@@ -95,7 +95,10 @@ class LayerMajor:
         self.spill_dir, self.hidden_budget, self.spill = spill_dir, hidden_budget, spill
         self.states: dict[str, HiddenStates] = {}
         self.forwards: dict[str, LayerMajorForward] = {}
-        self.router_stats = None
+        self.router_stats = None        # RouterStats over every chunk of the pass
+        self.router_chunks = None       # and one per chunk (slot), in the order of ``todo``
+        self._n_slots = 0
+        self.slots: dict[bytes, int] = {}   # a chunk's tokens -> its slot in the hidden states
         self.seconds: dict[str, float] = {}
         self._tmp: Path | None = None
         self.models: dict[str, LayerwiseModel] = {}
@@ -137,7 +140,7 @@ class LayerMajor:
 
         ``buffer``: the Workspace the callables put their logits in (one, shared: use each
         callable's result before the next call). ``router``: collect router statistics
-        (``self.router_stats``; None without MoE layers).
+        (``self.router_stats``, and per chunk ``self.router_chunks``; None without MoE layers).
         """
         from tqdm.auto import tqdm
         from evalkit.model import Workspace
@@ -150,6 +153,7 @@ class LayerMajor:
         if C != window.n_ctx:
             raise RunError(f"layer-major: chunks of {C} tokens, the window is for {window.n_ctx}")
         self._open_states(len(todo), C)
+        self._n_slots = len(todo)
         groups = [slice(g[0], g[-1] + 1) for g in batched(range(len(todo)), per_call)]
         tokens = [torch.from_numpy(chunks[np.asarray(todo[g])].astype(np.int64)) for g in groups]
         n_layer = max(m.n_layer for m in self.models.values())
@@ -166,9 +170,9 @@ class LayerMajor:
                         routings[name] = self._layer(name, m, il, groups, window.first_row, ws, router)
                     bar.update(1)
                 self._router_layer(il, routings)
-        slots = {np.ascontiguousarray(chunks[k], dtype=np.int32).tobytes(): j for j, k in enumerate(todo)}
+        self.slots = {np.ascontiguousarray(chunks[k], dtype=np.int32).tobytes(): j for j, k in enumerate(todo)}
         buffer = buffer if buffer is not None else Workspace()
-        self.forwards = {name: LayerMajorForward(self.states[name], m, window, slots, buffer)
+        self.forwards = {name: LayerMajorForward(self.states[name], m, window, self.slots, buffer)
                          for name, m in self.models.items()}
         return self.forwards
 
@@ -215,9 +219,19 @@ class LayerMajor:
             return
         chosen, n_expert = routings[base]
         variants = {n: r[0] for n, r in routings.items() if n != base and r is not None and r[1] == n_expert}
+        names = [n for n in self.models if n != base]
         if self.router_stats is None:
-            self.router_stats = RouterStats(base, [n for n in self.models if n != base])
+            self.router_stats = RouterStats(base, names)
+            self.router_chunks = [RouterStats(base, names) for _ in range(self._n_slots)]
         self.router_stats.add_layer(il, n_expert, chosen, variants)
+        # the rows are slot-major (groups in order, chunks in order within a group): split per chunk
+        if chosen.shape[0] % self._n_slots:
+            raise RunError(f"layer-major router statistics: layer {il} routed {chosen.shape[0]} tokens, "
+                           f"not a multiple of the {self._n_slots} chunks")
+        per = chosen.shape[0] // self._n_slots
+        for j, rs in enumerate(self.router_chunks):
+            rs.add_layer(il, n_expert, chosen[j * per:(j + 1) * per],
+                         {n: c[j * per:(j + 1) * per] for n, c in variants.items()})
 
     # ----------------------------------------------------------------- facts
     def info(self) -> dict:

@@ -113,7 +113,8 @@ def write_outputs(out: Path, results: dict, totals: RunTotals, cc: ChunkedCorpus
     tmp = out / ".chunks.tmp.npy"
     np.save(tmp, cc.stream_chunks.astype(np.int32))  # the evaluated tokens, for drilling into context
     os.replace(tmp, out / "chunks.npy")
-    atomic_write_text(out / "summary.md", summary_markdown(results))
+    from evalkit.report.router_stats import router_markdown
+    atomic_write_text(out / "summary.md", summary_markdown(results) + router_markdown(results.get("router_stats") or {}))
     if totals.variants:
         save_all_plots(results, totals.tokens, out)
 

@@ -21,7 +21,8 @@ from evalkit.files import is_leftover_temp
 
 __all__ = ["RunFolder", "RunFolderBusy"]
 
-_LEFTOVER_DIRS = (".", "partial", "models")
+# "imatrix": the imatrices a run computes for its variants (written through temporaries too)
+_LEFTOVER_DIRS = (".", "partial", "models", "imatrix")
 
 
 class RunFolderBusy(RunError):

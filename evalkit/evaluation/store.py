@@ -17,7 +17,7 @@ import numpy as np
 from evalkit.errors import RunError
 from evalkit.files import atomic_write_text, temp_path
 
-__all__ = ["ChunkStore", "PARTIAL_FORMAT", "fingerprint"]
+__all__ = ["ChunkStore", "PARTIAL_FORMAT", "PieceStore", "fingerprint"]
 
 PARTIAL_FORMAT = 1
 
@@ -62,10 +62,16 @@ class ChunkStore:
         """The encoded base-logits records of chunk ``k``."""
         return self.folder / f"records_{k:05d}.npy"
 
-    def todo(self, n_chunks: int, with_records: bool = False) -> list[int]:
-        """Chunks still to evaluate (those without a result file, or without records when wanted)."""
+    def hidden_path(self, k: int) -> Path:
+        """The base's final hidden states of chunk ``k`` (kept until the base cache is written)."""
+        return self.folder / f"hidden_{k:05d}.npy"
+
+    def todo(self, n_chunks: int, with_records: bool = False, with_hidden: bool = False) -> list[int]:
+        """Chunks still to evaluate (those without a result file, or without records or hidden
+        states when wanted)."""
         return [k for k in range(n_chunks) if not self.chunk_path(k).is_file()
-                or (with_records and not self.records_path(k).is_file())]
+                or (with_records and not self.records_path(k).is_file())
+                or (with_hidden and not self.hidden_path(k).is_file())]
 
     def save(self, k: int, arrays: dict[str, np.ndarray]) -> None:
         """Write chunk ``k``'s arrays atomically."""
@@ -84,15 +90,40 @@ class ChunkStore:
 
     def save_records(self, k: int, records: np.ndarray) -> None:
         """Keep chunk ``k``'s encoded base-logits records (atomically, like the chunk files)."""
-        path = self.records_path(k)
-        tmp = temp_path(path)
-        try:
-            with open(tmp, "wb") as fh:
-                np.save(fh, records)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _save_npy(self.records_path(k), records)
+
+    def save_hidden(self, k: int, hidden: np.ndarray) -> None:
+        """Keep chunk ``k``'s base hidden states (atomically)."""
+        _save_npy(self.hidden_path(k), hidden)
+
+    def load_hidden(self, k: int) -> np.ndarray:
+        """Chunk ``k``'s base hidden states."""
+        return np.load(self.hidden_path(k))
 
     def load_records(self, k: int) -> np.ndarray:
         """Chunk ``k``'s encoded base-logits records."""
         return np.load(self.records_path(k))
+
+
+class PieceStore(ChunkStore):
+    """One model's share of each chunk (``<tag>_NNNNN.npz`` beside the chunk files), for runs that
+    evaluate one model at a time; records and hidden states are the run's own."""
+
+    def __init__(self, store: ChunkStore, tag: str):
+        super().__init__(store.folder, store.fingerprint)
+        self.tag = tag
+
+    def chunk_path(self, k: int) -> Path:
+        """This piece of chunk ``k``."""
+        return self.folder / f"{self.tag}_{k:05d}.npz"
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` through a temporary file and a rename."""
+    tmp = temp_path(path)
+    try:
+        with open(tmp, "wb") as fh:
+            np.save(fh, array)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
