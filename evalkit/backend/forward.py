@@ -3,7 +3,8 @@
 :func:`emulate` replaces, in a loaded :class:`~evalkit.model.Model`, every
 :class:`~evalkit.model.qlinear.QLinear` by an :class:`~evalkit.backend.linear.EmulatedLinear`
 (the FFN up/gate pair flagged as the reference's fused op when both halves have the same
-quantized type) and every attention by :class:`~evalkit.backend.linear.HalfKVAttention`.
+quantized type) and every attention by :class:`~evalkit.backend.linear.HalfKVAttention`
+(multi-head latent attention instead rounds its own cached latent: ``MLAttention.half_kv``).
 Token embeddings, norms, RoPE and SiLU stay evalkit's float32 ones (the reference computes
 them in float32 too, §6). :func:`backend_forward` returns a forward factory for
 ``pipeline.run(make_forward=...)``; the exact backend is evalkit's own forward.
@@ -79,6 +80,10 @@ def emulate(model, backend: str, n_threads: int, plan: UbatchPlan, linear_cls=Em
         att = getattr(module, "attention", None)
         if isinstance(att, CausalAttention):
             module.attention = HalfKVAttention(att)
+        elif hasattr(att, "half_kv"):
+            # MLA (deepseek2) caches the normed latent and the roped k_rope, not K and V: it
+            # rounds what the reference's f16 cache holds itself (MLAttention.half_kv)
+            att.half_kv = True
     return model
 
 

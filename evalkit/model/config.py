@@ -84,6 +84,7 @@ class ModelConfig:
     expert_gating: str = "softmax"
     expert_weights_norm: bool = False
     expert_weights_scale: float = 1.0
+    expert_probs_bias: bool = False     # a softmax deepseek2 router whose file has exp_probs_b (selection bias)
 
     def __post_init__(self):
         if self.arch not in SUPPORTED_ARCHITECTURES:
@@ -158,7 +159,7 @@ class ModelConfig:
         has = gguf.tensors.__contains__
         mla = _gguf_mla(gguf, k, n_head, n_head_kv, head_dim, n_rot, v_dim)
         n_ff = k.uniform_integer("feed_forward_length")
-        moe = gguf_moe_fields(k, n_layer, n_ff)
+        moe = gguf_moe_fields(k, n_layer, n_ff, has)
         if k.number("attention.temperature_scale", 0.0):
             raise k.error("attention.temperature_scale", "attention temperature scaling is not supported")
         return cls(

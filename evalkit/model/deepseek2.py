@@ -44,9 +44,10 @@ def deepseek2_layer_shapes(cfg, il: int = 0) -> dict[str, tuple[int, ...]]:
     X, F, S = cfg.n_expert, cfg.n_ff_exp, cfg.n_ff_exp * cfg.n_expert_shared
     shapes.update({"ffn_gate_inp.weight": (e, X), "ffn_gate_exps.weight": (e, F, X),
                    "ffn_up_exps.weight": (e, F, X), "ffn_down_exps.weight": (F, e, X)})
-    if cfg.expert_gating == "sigmoid":
+    if cfg.expert_gating == "sigmoid" or cfg.expert_probs_bias:
         # The selection bias comes with the sigmoid router (DeepSeek-V3, Kimi-K2, GLM-4.7-Flash);
-        # DeepSeek-V2/2.5's softmax router has none.
+        # DeepSeek-V2/2.5's softmax router has none, but one whose file carries it uses it
+        # (the reference adds it whatever the gating function).
         shapes["exp_probs_b.bias"] = (X,)
     if S:
         shapes.update({"ffn_gate_shexp.weight": (e, S), "ffn_up_shexp.weight": (e, S),

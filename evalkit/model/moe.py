@@ -118,6 +118,8 @@ class MoEFFN(nn.Module):
                                    "ffn_down_shexp together")
         self.ffn_gate_shexp, self.ffn_up_shexp, self.ffn_down_shexp = shared
         self.n_ff_exp = self.ffn_gate_exps.rows
+        # widths kept here: the backend lens swaps the QLinears for modules without out_features
+        self.n_ff_shexp = shared[0].out_features if shared[0] is not None else 0
 
     def forward(self, h: torch.Tensor, ws, residual: torch.Tensor | None = None) -> torch.Tensor:
         """h (N, E) normed activations -> (N, E) FFN output (routed + shared), in a ``ws`` buffer.
@@ -169,7 +171,7 @@ class MoEFFN(nn.Module):
     def _shared(self, h: torch.Tensor, ws) -> torch.Tensor:
         """The shared expert(s): a plain SwiGLU FFN over every token, unweighted."""
         N, E = h.shape
-        S = self.ffn_gate_shexp.out_features
+        S = self.n_ff_shexp
         g = self.ffn_gate_shexp(h, out=ws("moe_sg", N, S))
         u = self.ffn_up_shexp(h, out=ws("moe_su", N, S))
         torch.ops.evalkit.swiglu(g, u, g)

@@ -9,7 +9,8 @@ the router (ik_llama.cpp 8337e4cd, ``src/llama-hparams.cpp`` and ``src/graphs/bu
   llama/mistral3, ``expert_feed_forward_length`` (else ``n_ff / n_expert_used``) for qwen3moe.
 * ``deepseek2`` / ``glm4moe``: the gating function from ``expert_gating_func`` (1 softmax,
   2 sigmoid; a missing key means softmax for deepseek2 unless it has 47/48 layers, sigmoid
-  for glm4moe), normalised only when ``expert_weights_norm`` is true, then multiplied by the
+  for glm4moe; a softmax deepseek2 router that carries ``exp_probs_b`` selects with it too),
+  normalised only when ``expert_weights_norm`` is true, then multiplied by the
   (required) ``expert_weights_scale``; ``expert_shared_count`` shared experts of width
   ``n_ff_exp`` each, the first ``leading_dense_block_count`` layers dense.
 """
@@ -28,9 +29,11 @@ MOE_ARCHS: dict[str, str] = {"llama": "fixed", "mistral3": "fixed", "qwen3moe": 
 _ALWAYS_MOE = ("qwen3moe", "deepseek2", "glm4moe")          # expert_count is required
 
 
-def gguf_moe_fields(k, n_layer: int, n_ff: int) -> dict[str, Any]:
+def gguf_moe_fields(k, n_layer: int, n_ff: int, has: Callable[[str], bool] | None = None) -> dict[str, Any]:
     """The MoE fields of :class:`~evalkit.model.config.ModelConfig` from the keys reader ``k``
-    (``config._GGUFKeys``); empty for a dense model. Errors name the key and the file."""
+    (``config._GGUFKeys``); empty for a dense model. ``has(tensor name)``: whether the file holds
+    a tensor (a softmax deepseek2 router uses ``exp_probs_b`` when present, as the reference's
+    optional tensor). Errors name the key and the file."""
     arch = k.arch
     if arch not in MOE_ARCHS:
         return {}
@@ -56,8 +59,13 @@ def gguf_moe_fields(k, n_layer: int, n_ff: int) -> dict[str, Any]:
         raise k.error("leading_dense_block_count", f"{lead} exceeds the {n_layer} layers")
     if k.integer("nextn_predict_layers", 0, minimum=0):
         raise k.error("nextn_predict_layers", "multi-token-prediction (NextN) layers are not supported")
+    gating = _gating(k, arch, n_layer)
+    # ik_llama.cpp's deepseek2 loader creates exp_probs_b as optional and llm_build_moe_ffn adds
+    # it to the probabilities for selection whatever the gating function
+    probs_bias = (arch == "deepseek2" and gating == "softmax" and has is not None
+                  and has(f"blk.{lead}.exp_probs_b.bias"))
     return {**out, "n_layer_dense_lead": lead, "n_expert_shared": k.integer("expert_shared_count", minimum=0),
-            "expert_gating": _gating(k, arch, n_layer),
+            "expert_gating": gating, "expert_probs_bias": probs_bias,
             "expert_weights_norm": _bool(k, "expert_weights_norm", False),
             "expert_weights_scale": k.number("expert_weights_scale", ..., positive=True)}
 
