@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalkit.errors import RunError
-from evalkit.evaluation.corpus_chunks import ChunkedCorpus, chunk_corpus, tokenizer_for
+from evalkit.evaluation.corpus_chunks import ChunkedCorpus, chunk_corpus, encode_corpus
 from evalkit.evaluation.forward import ForwardFactory
 from evalkit.evaluation.models import ModelEntry, base_entry, prepare_variant, vocab_of
+from evalkit.memory import bound_heap
 from evalkit.evaluation.store import PARTIAL_FORMAT, ChunkStore, fingerprint
 from evalkit.run_config import RunConfig
 
@@ -43,9 +44,9 @@ def plan_run(cfg: RunConfig) -> RunPlan:
     except ModelNotFoundError as e:
         raise RunError(str(e)) from None
     text, corpus_sha, corpus_desc = load_corpus_text(cfg.corpus, cfg.resolve)
-    tok = tokenizer_for(base_path)
-    stream = tok.encode(text)
-    _return_freed_memory()
+    enc = encode_corpus(base_path, text)
+    stream = enc.stream
+    del text
     base_file, n_chunks = None, cfg.chunks
     if cfg.base_logits:
         try:
@@ -59,19 +60,8 @@ def plan_run(cfg: RunConfig) -> RunPlan:
         if base_path.is_file() and base_file.n_vocab != vocab_of(base_path)[0]:
             raise RunError(f"{base_file.path}: records are {base_file.n_vocab} wide but the model's "
                            f"vocabulary has {vocab_of(base_path)[0]} tokens")
-    cc = chunk_corpus(tok, stream, corpus_sha, corpus_desc, cfg.ctx, n_chunks)
+    cc = chunk_corpus(enc, stream, corpus_sha, corpus_desc, cfg.ctx, n_chunks)
     return RunPlan(base_path, cc, base_file)
-
-
-def _return_freed_memory() -> None:
-    """Hand the heap the tokenizer freed back to the OS (glibc keeps it: ~140 MB of RSS after
-    tokenizing WikiText-2's test split, for the rest of the run); nothing where it is not glibc."""
-    import ctypes
-    import ctypes.util
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 @dataclass
@@ -250,6 +240,7 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
     if make_forward is None:            # the default factory runs on cfg.device
         make_forward = exact_forward if cfg.device == "cpu" else functools.partial(exact_forward, device=cfg.device)
     configure_threads(cfg.threads)
+    bound_heap()                        # per-chunk temporaries go back to the OS when freed
     with RunFolder(Path(cfg.output_dir) / cfg.name) as folder:
         _run_locked(cfg, folder, progress, restart, make_forward, t0)
     return folder.path

@@ -2,11 +2,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 
 from evalkit.evaluation.store import ChunkStore
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["KLD_FIELDS", "BaseTotals", "VariantTotals", "RunTotals", "aggregate"]
 
@@ -46,10 +49,11 @@ class RunTotals:
 
     base: BaseTotals
     variants: list[VariantTotals] = field(default_factory=list)
-    tokens: pd.DataFrame = field(default_factory=pd.DataFrame)
+    tokens: pd.DataFrame | None = None       # built by aggregate()
 
 
 def _token_frame(name: str, k: int, positions: np.ndarray, targets: np.ndarray, kt) -> pd.DataFrame:
+    import pandas as pd
     return pd.DataFrame({
         "variant": name, "chunk": np.int32(k), "position": positions.astype(np.int32),
         "token": targets.astype(np.int32), "nll": kt.nll_q, "nll_base": kt.nll_base,
@@ -80,6 +84,7 @@ def aggregate(store: ChunkStore, n_chunks: int, variant_names: list[str], n_ctx:
     base = BaseTotals(base_acc.final(), running, base_acc.count, base_seconds)
     variants = [VariantTotals(name, kld_statistics(parts[i]), seconds[i], len(parts[i]) * n_ctx, len(parts[i]))
                 for i, name in enumerate(variant_names)]
+    import pandas as pd   # here, not at import: pandas (~65 MB) is not resident while models run
     tokens = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
     if not tokens.empty:
         tokens["variant"] = tokens["variant"].astype("category")

@@ -9,7 +9,7 @@ import numpy as np
 from evalkit.errors import RunError
 from evalkit.evaluation.window import ScoredWindow
 
-__all__ = ["ChunkedCorpus", "ChunkingError", "chunk_corpus", "tokenizer_for"]
+__all__ = ["ChunkedCorpus", "ChunkingError", "EncodedCorpus", "chunk_corpus", "encode_corpus", "tokenizer_for"]
 
 
 class ChunkingError(RunError):
@@ -30,6 +30,27 @@ def tokenizer_for(path: Path):
             if isinstance(e, TokenizerError):
                 raise
             raise TokenizerError(f"{path}: unusable tokenizer metadata: {e}") from None
+
+
+@dataclass(frozen=True)
+class EncodedCorpus:
+    """A corpus's tokens, and what chunking needs of the tokenizer that made them."""
+
+    stream: np.ndarray          # every token of the corpus (int32)
+    bos_id: int | None
+    add_bos: bool
+    n_vocab: int
+
+
+def encode_corpus(path: Path, text: str) -> EncodedCorpus:
+    """``text`` tokenized by the model at ``path``, whose tokenizer is then released with the heap
+    its encoder left behind (tens of MB a run would otherwise carry beside its models)."""
+    from evalkit.memory import return_freed_memory
+    tok = tokenizer_for(path)
+    enc = EncodedCorpus(tok.encode(text), tok.bos_id, tok.add_bos, tok.n_vocab)
+    del tok
+    return_freed_memory()
+    return enc
 
 
 @dataclass
@@ -65,7 +86,8 @@ class ChunkedCorpus:
 def chunk_corpus(tokenizer, stream: np.ndarray, sha256: str, description: str, n_ctx: int,
                  n_chunks: int | None) -> ChunkedCorpus:
     """Cut the token ``stream`` as llama-perplexity does (BOS replaces each chunk's first token
-    when ``tokenizer``'s vocabulary adds one); ``n_chunks`` None means every whole chunk."""
+    when ``tokenizer``'s vocabulary adds one: a Tokenizer or an :class:`EncodedCorpus`);
+    ``n_chunks`` None means every whole chunk."""
     from evalkit.metrics import chunk_tokens
 
     bos = tokenizer.bos_id if tokenizer.add_bos else None

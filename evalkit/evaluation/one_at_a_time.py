@@ -34,6 +34,11 @@ def release() -> None:
     """Free a released model's memory now (its weights' maps, a device's cached blocks)."""
     gc.collect()
     import torch
+
+    from evalkit.gguf.reader import forget_headers
+    from evalkit.memory import return_freed_memory
+    forget_headers()            # the released model's vocabulary, among others
+    return_freed_memory()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
 

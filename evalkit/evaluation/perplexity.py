@@ -5,10 +5,11 @@ import sys
 import time
 
 from evalkit.errors import RunError
-from evalkit.evaluation.corpus_chunks import chunk_corpus, tokenizer_for
+from evalkit.evaluation.corpus_chunks import chunk_corpus, encode_corpus
 from evalkit.evaluation.forward import ModelForward, configure_threads, load_model
 from evalkit.evaluation.loop import chunks_per_call, evaluate
 from evalkit.evaluation.reference import ScoringError
+from evalkit.memory import bound_heap
 
 __all__ = ["perplexity"]
 
@@ -46,8 +47,10 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     n_threads = configure_threads(threads)
     path = resolve_model(model_spec)
     text, corpus_sha, corpus_desc = load_corpus_text(CorpusSpec(path=corpus))
-    tok = tokenizer_for(path)
-    cc = chunk_corpus(tok, tok.encode(text), corpus_sha, corpus_desc, ctx, chunks)
+    bound_heap()                        # per-chunk temporaries go back to the OS when freed
+    tok = encode_corpus(path, text)     # the tokenizer itself is released
+    del text
+    cc = chunk_corpus(tok, tok.stream, corpus_sha, corpus_desc, ctx, chunks)
     model = load_model(path, device) if order == "model" else None
     n_vocab = model.config.n_vocab if model is not None else _n_vocab(path)
     if n_vocab != tok.n_vocab:

@@ -28,11 +28,20 @@ class BaseChunk:
     logprobs: np.ndarray
 
 
-def log_softmax_f32(z: np.ndarray) -> np.ndarray:
-    """Exact base log-probabilities from float32 logits: z - M - ln Σexp(z - M) (sum in double)."""
-    m = z.max(axis=1, keepdims=True)
-    s = np.exp(z - m).sum(axis=1, dtype=np.float64, keepdims=True)
-    return (z - m - np.log(s).astype(np.float32)).astype(np.float32)
+def log_softmax_f32(z: np.ndarray, block_rows: int = 32) -> np.ndarray:
+    """Exact base log-probabilities from float32 logits (R, V): z - M - ln Σexp(z - M) (sum in double).
+
+    Computed ``block_rows`` rows at a time into the result: every row's arithmetic is its own,
+    so the values do not depend on the blocking, and the temporaries stay a few MiB.
+    """
+    out = np.empty(z.shape, dtype=np.float32)
+    for a in range(0, z.shape[0], block_rows):
+        zb, ob = z[a:a + block_rows], out[a:a + block_rows]
+        m = zb.max(axis=1, keepdims=True)
+        np.subtract(zb, m, out=ob)
+        s = np.exp(ob).sum(axis=1, dtype=np.float64, keepdims=True)
+        ob -= np.log(s).astype(np.float32)
+    return out
 
 
 def base_from_logits(rows: np.ndarray, targets: np.ndarray, chunk: int, first_row: int) -> BaseChunk:

@@ -27,7 +27,7 @@ from gguf import GGUFValueType
 from evalkit.formats import FORMATS_BY_ID, QuantFormat
 from evalkit.errors import EvalkitError
 
-__all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_DEFAULT_ALIGNMENT"]
+__all__ = ["GGUFError", "GGUFFile", "TensorInfo", "GGUF_DEFAULT_ALIGNMENT", "forget_headers"]
 
 GGUF_MAGIC = b"GGUF"
 GGUF_DEFAULT_ALIGNMENT = 32
@@ -230,6 +230,13 @@ class _Header:
 _HEADER_CACHE: dict[tuple, _Header] = {}
 _HEADER_CACHE_SIZE = 4
 _HEADER_CACHE_LOCK = threading.Lock()
+
+
+def forget_headers() -> None:
+    """Drop the cached headers (a vocabulary is ~10 MB of Python strings): for a run that
+    has released the models whose files they describe."""
+    with _HEADER_CACHE_LOCK:
+        _HEADER_CACHE.clear()
 
 
 def _cache_key(st: os.stat_result) -> tuple:

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from evalkit import _kernels
 from evalkit.devices import use_torch_kernels
+from evalkit.model.ops import call, evalkit_op
 from evalkit.model.team import team
 
 __all__ = ["causal_attention", "CausalAttention", "kernel_available"]
@@ -95,7 +96,7 @@ def _check(q, k, v, q_from, out) -> None:
         raise ValueError(f"causal_attention: out must have shape {(B, T - q_from, H, D)}, got {tuple(out.shape)}")
 
 
-@torch.library.custom_op("evalkit::causal_attention", mutates_args=("out",))
+@evalkit_op("causal_attention", mutates_args=("out",))
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_from: int, out: torch.Tensor) -> None:
     """Causal attention of q (B, T, H, D) over k, v (B, T, Hkv, D) for positions >= q_from,
     written into out (B, T - q_from, H, D). All contiguous float32."""
@@ -130,5 +131,5 @@ class CausalAttention:
         B, T, H, D = q.shape
         if out is None:
             out = torch.empty(B, T - q_from, H, D, device=q.device)
-        torch.ops.evalkit.causal_attention(q, k, v, q_from, out)
+        call("causal_attention", q, k, v, q_from, out)
         return out

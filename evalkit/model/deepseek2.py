@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from evalkit.model.mla import MLAttention
+from evalkit.model.ops import call
 
 __all__ = ["Deepseek2Block", "deepseek2_layer_shapes", "set_mla_options"]
 
@@ -90,7 +91,7 @@ class Deepseek2Block(nn.Module):
             return x.add_(self.moe(h.view(B * T, E), ws).view(B, T, E))
         g = self.ffn_gate(h, out=ws("g", B, T, self.n_ff))
         u = self.ffn_up(h, out=ws("u", B, T, self.n_ff))
-        torch.ops.evalkit.swiglu(g, u, g)                                # silu(g) * u, in place
+        call("swiglu", g, u, g)                                # silu(g) * u, in place
         return x.add_(self.ffn_down(g, out=ws("o", B, T, E)))
 
 

@@ -20,6 +20,7 @@ from evalkit.model.arch import get_architecture
 from evalkit.model.attention import CausalAttention
 from evalkit.model.config import ModelConfig
 import evalkit.model.norm_act  # noqa: F401  (registers evalkit::rms_norm, evalkit::swiglu)
+from evalkit.model.ops import call
 from evalkit.model.qlinear import QEmbedding, QLinear
 from evalkit.errors import EvalkitError
 
@@ -44,7 +45,7 @@ class RMSNorm(nn.Module):
         """Normalise x (..., n) over its last dimension (into the contiguous ``out`` when given,
         which must not overlap x)."""
         out = torch.empty(x.shape) if out is None else out
-        torch.ops.evalkit.rms_norm(x, self.weight, self.eps, out)
+        call("rms_norm", x, self.weight, self.eps, out)
         return out
 
 
@@ -155,7 +156,7 @@ class Block(nn.Module):
             return self.moe(h.view(B * T, E), ws, residual=x)
         g = self.ffn_gate(h, out=ws("g", B, T, self.n_ff))                # (B, T, F)
         u = self.ffn_up(h, out=ws("u", B, T, self.n_ff))                  # (B, T, F)
-        torch.ops.evalkit.swiglu(g, u, g)                                 # silu(g) * u, in place
+        call("swiglu", g, u, g)                                 # silu(g) * u, in place
         a = g                                                             # (B, T, F)
         return x.add_(self.ffn_down(a, out=ws("o", B, T, E)))             # (B, T, E)
 

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 import evalkit.model.norm_act  # noqa: F401  (registers evalkit::swiglu)
+from evalkit.model.ops import call
 from evalkit.model.qlinear import QLinear
 
 __all__ = ["ExpertLinears", "MoEFFN", "route"]
@@ -162,7 +163,7 @@ class MoEFFN(nn.Module):
             xe = torch.index_select(h, 0, torch.div(pos, k, rounding_mode="floor"), out=ws("moe_x", c, E))
             g = self.ffn_gate_exps[e](xe, out=ws("moe_g", c, F))
             u = self.ffn_up_exps[e](xe, out=ws("moe_u", c, F))
-            torch.ops.evalkit.swiglu(g, u, g)                            # silu(g) * u, in place
+            call("swiglu", g, u, g)                            # silu(g) * u, in place
             d = self.ffn_down_exps[e](g, out=ws("moe_d", c, E))
             d.mul_(wflat.index_select(0, pos).unsqueeze(1))
             y.index_copy_(0, pos, d)                                     # each row written once
@@ -174,5 +175,5 @@ class MoEFFN(nn.Module):
         S = self.n_ff_shexp
         g = self.ffn_gate_shexp(h, out=ws("moe_sg", N, S))
         u = self.ffn_up_shexp(h, out=ws("moe_su", N, S))
-        torch.ops.evalkit.swiglu(g, u, g)
+        call("swiglu", g, u, g)
         return self.ffn_down_shexp(g, out=ws("moe_so", N, E))

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from evalkit import _kernels
 from evalkit.devices import use_torch_kernels
 from evalkit.formats.torch_dequant import f32_const
+from evalkit.model.ops import evalkit_op
 from evalkit.model.team import team
 
 __all__ = ["rms_norm", "swiglu", "kernels_available"]
@@ -52,7 +53,7 @@ def _rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torc
     torch.mul(x, scale, out=out).mul_(weight)
 
 
-@torch.library.custom_op("evalkit::rms_norm", mutates_args=("out",))
+@evalkit_op("rms_norm", mutates_args=("out",))
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
     """out = x / sqrt(mean(x^2) + eps) * weight over the last dimension; out is contiguous,
     float32, of x's shape, and does not overlap x."""
@@ -82,7 +83,7 @@ def _rms_norm_fake(x, weight, eps, out):
     torch._check(out.shape == x.shape)
 
 
-@torch.library.custom_op("evalkit::swiglu", mutates_args=("out",))
+@evalkit_op("swiglu", mutates_args=("out",))
 def swiglu(g: torch.Tensor, u: torch.Tensor, out: torch.Tensor) -> None:
     """out = silu(g) * u elementwise; all contiguous float32 of one shape (out may be g)."""
     for name, t in (("g", g), ("u", u), ("out", out)):

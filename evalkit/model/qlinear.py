@@ -40,6 +40,7 @@ from evalkit.codec import DEQUANT_VARIANTS
 from evalkit.devices import use_torch_kernels
 from evalkit.formats import FORMATS_BY_ID, QuantFormat, get_format
 from evalkit.formats.torch_dequant import TORCH_DEQUANTIZERS, dequantize_torch
+from evalkit.model.ops import call, evalkit_op
 from evalkit.model.team import team
 
 __all__ = ["qlinear", "qlinear_out", "qembedding", "QLinear", "QEmbedding", "packed_tensor", "tile_rows_for",
@@ -202,7 +203,7 @@ def _qembedding_torch(ids: torch.Tensor, w: torch.Tensor, fmt: QuantFormat, n_pe
     return dequantize_torch(rows, fmt.name, n_per_row, variant).reshape(*ids.shape, n_per_row)
 
 
-@torch.library.custom_op("evalkit::qlinear", mutates_args=())
+@evalkit_op("qlinear")
 def qlinear(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int) -> torch.Tensor:
     """``x @ W.T`` for float32 x (..., n_per_row) and W packed as ggml ``type_id`` rows (out, row_bytes).
 
@@ -229,7 +230,7 @@ def _qlinear_fake(x, w, type_id, n_per_row, variant):
     return x.new_empty((*x.shape[:-1], w.shape[0]))
 
 
-@torch.library.custom_op("evalkit::qlinear_out", mutates_args=("out",))
+@evalkit_op("qlinear_out", mutates_args=("out",))
 def qlinear_out(x: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int,
                 out: torch.Tensor) -> None:
     """:func:`qlinear` written into the caller's contiguous float32 ``out`` (..., out_rows).
@@ -258,7 +259,7 @@ def _qlinear_out_fake(x, w, type_id, n_per_row, variant, out):
     torch._check(x.shape[-1] == n_per_row)
 
 
-@torch.library.custom_op("evalkit::qembedding", mutates_args=())
+@evalkit_op("qembedding")
 def qembedding(ids: torch.Tensor, w: torch.Tensor, type_id: int, n_per_row: int, variant: int) -> torch.Tensor:
     """Rows ``ids`` (any shape, int64) of the packed table W, dequantized: (*ids.shape, n_per_row).
 
@@ -348,9 +349,9 @@ class QLinear(_PackedWeight):
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """x (..., in_features) float32 -> (..., out_features), into ``out`` when given."""
         if out is None:
-            y = torch.ops.evalkit.qlinear(x, self.weight, self.type_id, self.in_features, self.variant)
+            y = call("qlinear", x, self.weight, self.type_id, self.in_features, self.variant)
             return y if self.bias is None else y.add_(self.bias)
-        torch.ops.evalkit.qlinear_out(x, self.weight, self.type_id, self.in_features, self.variant, out)
+        call("qlinear_out", x, self.weight, self.type_id, self.in_features, self.variant, out)
         return out if self.bias is None else out.add_(self.bias)
 
     def dequantized(self) -> torch.Tensor:
@@ -377,7 +378,7 @@ class QEmbedding(_PackedWeight):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """ids (...) int64 -> (..., embedding_dim) float32."""
-        return torch.ops.evalkit.qembedding(ids, self.weight, self.type_id, self.embedding_dim, self.variant)
+        return call("qembedding", ids, self.weight, self.type_id, self.embedding_dim, self.variant)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, type={self.type_name}"

@@ -458,9 +458,9 @@ def base_tokenizer_once():
     reaches the corrupt variant; building that vocabulary is most of a case's time, and
     the suite keeps to its budget by doing it once. The corrupt files are never cached.
     """
-    import evalkit.pipeline as pipeline
+    import evalkit.evaluation.corpus_chunks as corpus_chunks
 
-    real = getattr(pipeline, "tokenizer_for", None)
+    real = getattr(corpus_chunks, "tokenizer_for", None)
     if real is None:            # the pipeline changed: run unpatched, only slower
         yield
         return
@@ -474,7 +474,7 @@ def base_tokenizer_once():
         return built["base"]
 
     patch = pytest.MonkeyPatch()
-    patch.setattr(pipeline, "tokenizer_for", tokenizer_for)
+    patch.setattr(corpus_chunks, "tokenizer_for", tokenizer_for)    # what encode_corpus calls
     yield
     patch.undo()
 
@@ -490,7 +490,8 @@ def reference(corpus, tmp_path_factory) -> dict:
 
     from evalkit.cli import main
 
-    for mod in ("torch", "pandas", "pyarrow", "matplotlib.pyplot", "evalkit.pipeline", "evalkit.report"):
+    for mod in ("torch", "pandas", "pyarrow", "matplotlib.pyplot", "evalkit.pipeline", "evalkit.report.plots",
+                "evalkit.report.tables", "torch._dynamo"):
         try:
             importlib.import_module(mod)
         except ImportError:
