@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import secrets
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["atomic_write_text", "is_leftover_temp", "json_default", "model_size", "sha256_file", "temp_path"]
+__all__ = ["atomic_write_text", "is_leftover_temp", "json_default", "model_size", "sha256_file", "sha256_model",
+           "temp_path"]
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
 
@@ -31,6 +33,26 @@ def sha256_file(path: str | Path) -> str:
                 h.update(block)
         _SHA_CACHE[key] = h.hexdigest()
     return _SHA_CACHE[key]
+
+
+_FIRST_SHARD = re.compile(r"-00001-of-(\d{5})\.gguf$")
+
+
+def sha256_model(path: str | Path) -> str:
+    """The identity of a model: :func:`sha256_file`, over every shard for a split GGUF's first
+    shard (``<prefix>-00001-of-0000N.gguf``), so a changed later shard changes it too."""
+    p = Path(path)
+    m = _FIRST_SHARD.search(p.name)
+    first = sha256_file(p)
+    if p.is_dir() or m is None or int(m.group(1)) <= 1:
+        return first
+    count, prefix = int(m.group(1)), p.name[:m.start()]
+    h = hashlib.sha256(first.encode())
+    for i in range(2, count + 1):
+        shard = p.with_name(f"{prefix}-{i:05d}-of-{count:05d}.gguf")
+        # a missing shard is the loader's named error; here it only makes another identity
+        h.update(f"{shard.name}:{sha256_file(shard) if shard.is_file() else 'missing'}".encode())
+    return h.hexdigest()
 
 
 def model_size(path: str | Path) -> tuple[int, float]:

@@ -141,3 +141,23 @@ def test_first_shard_not_named_by_the_split_pattern(shards, tmp_path):
     odd.write_bytes(shards[0].read_bytes())
     with pytest.raises(SplitError, match="must be named '<prefix>-00001-of-00003.gguf'"):
         GGUFFile(odd)
+
+
+def test_model_identity_covers_every_shard(tmp_path):
+    """A run's fingerprint and a base cache name a model by sha256_model: changing a later
+    shard (its bytes, not the first shard's) must change it; an unsplit file keeps its file hash."""
+    import hashlib
+    import shutil
+
+    from evalkit.files import sha256_file, sha256_model
+    paths = write_split(BASE, tmp_path / "m")
+    before = sha256_model(paths[0])
+    assert before != sha256_file(paths[0])
+    h = hashlib.sha256(sha256_file(paths[0]).encode())
+    for p in paths[1:]:
+        h.update(f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()}".encode())
+    assert before == h.hexdigest()                  # independent recomputation
+    other = write_split(GOLDEN / "gguf" / "tiny-iqk-mix.gguf", tmp_path / "o")
+    shutil.copyfile(other[2], paths[2])            # the third shard swapped for another model's
+    assert sha256_model(paths[0]) != before
+    assert sha256_model(BASE) == sha256_file(BASE)

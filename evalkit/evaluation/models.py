@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from evalkit.errors import RunError
-from evalkit.files import atomic_write_text, model_size, sha256_file
+from evalkit.files import atomic_write_text, model_size, sha256_file, sha256_model
 from evalkit.evaluation.store import fingerprint
 
 __all__ = ["ModelEntry", "base_entry", "check_same_vocab", "prepare_variant", "vocab_of"]
@@ -32,7 +32,7 @@ class ModelEntry:
     def of(cls, name: str, path: Path) -> "ModelEntry":
         """Measure the file (a folder counts as float32: no GGUF tensor table to size)."""
         nbytes, bpw = model_size(path) if Path(path).is_file() else (0, 32.0)
-        return cls(name, Path(path), sha256_file(path), nbytes, bpw)
+        return cls(name, Path(path), sha256_model(path), nbytes, bpw)
 
 
 def base_entry(path: Path) -> ModelEntry:

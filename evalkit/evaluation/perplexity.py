@@ -32,7 +32,7 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     available memory.
     """
     from evalkit.corpus import load_corpus_text
-    from evalkit.files import sha256_file
+    from evalkit.files import sha256_model
     from evalkit.metrics import PerplexityAccumulator
     from evalkit.run_config import CorpusSpec
     from evalkit.sources import resolve_model
@@ -74,7 +74,7 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     dt = time.perf_counter() - t0
     ppl, err = acc.final()
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}", file=out, flush=True)
-    return {"model": str(path), "model_sha256": sha256_file(path), "corpus": corpus_desc,
+    return {"model": str(path), "model_sha256": sha256_model(path), "corpus": corpus_desc,
             "corpus_sha256": corpus_sha, "n_ctx": ctx, "n_chunks": cc.n_chunks, "ppl": [ppl, err],
             "running_ppl": running, "n_tokens": int(acc.count),
             "tokens_per_s": cc.n_chunks * ctx / dt if dt > 0 else None,

@@ -68,7 +68,7 @@ class Session:
 def open_session(cfg: SensitivityConfig) -> Session:
     """Resolve and load everything a pass needs; named errors for bad input (before any work)."""
     from evalkit.evaluation.forward import load_model
-    from evalkit.files import sha256_file
+    from evalkit.files import sha256_file, sha256_model
     from evalkit.sensitivity.groups import candidates_for, make_groups, quantizable_tensors
     from evalkit.sensitivity.measure import Measurer, load_calibration
     from evalkit.sensitivity.swap import WeightSwapper
@@ -89,7 +89,7 @@ def open_session(cfg: SensitivityConfig) -> Session:
     in_groups = {n for g in groups for n in g.names}
     total_bytes = sum(int(t.nbytes) for t in source.tensors)
     fixed = sum(int(t.nbytes) for t in source.tensors if t.name not in in_groups)
-    return Session(cfg, base_path, sha256_file(base_path), source, model, Measurer(model, calib),
+    return Session(cfg, base_path, sha256_model(base_path), source, model, Measurer(model, calib),
                    WeightSwapper(model, source, imatrix, cfg.threads), groups, cands,
                    sum(int(t.n_elements) for t in source.tensors), total_bytes, fixed, tensors,
                    sha256_file(imatrix) if imatrix else None)
