@@ -59,7 +59,7 @@ def model_size(path: str | Path) -> tuple[int, float]:
     """(bytes of all tensors, bits per weight over all tensors) of a GGUF file."""
     from evalkit.gguf import GGUFFile
     with GGUFFile(path) as f:
-        nbytes = sum(t.nbytes for t in f.tensors.values())
+        nbytes = sum(t.file_nbytes for t in f.tensors.values())     # as stored (a repack may be smaller)
         nel = sum(t.n_elements for t in f.tensors.values())
     return nbytes, 8.0 * nbytes / nel
 

@@ -328,3 +328,17 @@ def test_quantize_names_tensor_row_and_column_of_nan(tmp_path):
                                                            rf"\S+ at row {r}, column {c}"):
                 quantize_model(src, tmp_path / "out.gguf", ftype, threads=2, progress=False)
             assert not (tmp_path / "out.gguf").exists()
+
+
+def test_model_size_counts_repacked_tensors_as_stored():
+    """Q8_KV_R8 rows keep a 4-byte header where plain Q8_KV rows have 8: the size (and bpw) of
+    a file is what it stores, counted here from the shapes alone."""
+    from evalkit.files import model_size
+    path = GOLDEN / "repacked" / "r4-Q8_KV_R8.gguf"
+    with GGUFFile(path) as f:
+        assert any(t.stored_type_id is not None for t in f.tensors.values())
+        # F32 norms; plain Q8_KV (token_embd: 8-byte row header); Q8_KV_R8 (4-byte header)
+        want = sum(4 * t.n_elements if t.type_id == 0 else t.nrows * (t.n_per_row + (8 if t.stored_type_id is None else 4))
+                   for t in f.tensors.values())
+        n = sum(t.n_elements for t in f.tensors.values())
+    assert model_size(path) == (want, 8.0 * want / n)
