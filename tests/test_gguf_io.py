@@ -338,7 +338,8 @@ def test_model_size_counts_repacked_tensors_as_stored():
     with GGUFFile(path) as f:
         assert any(t.stored_type_id is not None for t in f.tensors.values())
         # F32 norms; plain Q8_KV (token_embd: 8-byte row header); Q8_KV_R8 (4-byte header)
-        want = sum(4 * t.n_elements if t.type_id == 0 else t.nrows * (t.n_per_row + (8 if t.stored_type_id is None else 4))
+        header = {True: 8, False: 4}
+        want = sum(4 * t.n_elements if t.type_id == 0 else t.nrows * (t.n_per_row + header[t.stored_type_id is None])
                    for t in f.tensors.values())
         n = sum(t.n_elements for t in f.tensors.values())
     assert model_size(path) == (want, 8.0 * want / n)
