@@ -126,3 +126,25 @@ def test_heap_controls():
     if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
         assert took is True
     memory.return_freed_memory()        # must be callable anywhere
+
+
+def test_encode_corpus_on_its_worker_thread_gives_the_golden_tokens(shared_dir):
+    """encode_corpus tokenizes on a worker thread (for the heap): the whole corpus must still give
+    the reference's tokenization (golden/tokens), the file read as it is."""
+    from evalkit.evaluation.corpus_chunks import encode_corpus
+    from evalkit.sources import resolve_model
+    golden = np.load(shared_dir / "golden" / "tokens" / "smollm2-wikitext-2-raw-test.npy")
+    raw = (shared_dir / "data" / "wikitext-2-raw-test.txt").read_bytes().decode("utf-8")
+    enc = encode_corpus(resolve_model("smollm2"), raw)
+    assert enc.stream.dtype == np.int32 and enc.stream.flags.owndata
+    assert np.array_equal(enc.stream, golden)
+    assert (enc.n_vocab, enc.add_bos) == (49152, False)
+
+
+def test_encode_corpus_errors_reach_the_caller(tmp_path):
+    from evalkit.evaluation.corpus_chunks import encode_corpus
+    from evalkit.gguf import GGUFError
+    bad = tmp_path / "not-a-model.gguf"
+    bad.write_bytes(b"GGUF\x03\x00\x00\x00")          # truncated header
+    with pytest.raises(GGUFError, match="not-a-model.gguf"):
+        encode_corpus(bad, "some text")

@@ -1,6 +1,8 @@
 """Corpus → token stream → the chunks llama-perplexity evaluates, with the model's tokenizer."""
 from __future__ import annotations
 
+import dataclasses
+import gc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,13 +44,26 @@ class EncodedCorpus:
     n_vocab: int
 
 
-def encode_corpus(path: Path, text: str) -> EncodedCorpus:
-    """``text`` tokenized by the model at ``path``, whose tokenizer is then released with the heap
-    its encoder left behind (tens of MB a run would otherwise carry beside its models)."""
-    from evalkit.memory import return_freed_memory
+def _encode(path: Path, text: str) -> EncodedCorpus:
     tok = tokenizer_for(path)
-    enc = EncodedCorpus(tok.encode(text), tok.bos_id, tok.add_bos, tok.n_vocab)
-    del tok
+    return EncodedCorpus(tok.encode(text), tok.bos_id, tok.add_bos, tok.n_vocab)
+
+
+def encode_corpus(path: Path, text: str) -> EncodedCorpus:
+    """``text`` tokenized by the model at ``path``; the tokenizer is released afterwards.
+
+    The tokenizer is built and run on a worker thread: glibc gives that thread a heap arena
+    of its own, so what the encoder leaves fragmented (~30 MB for WikiText-2) is handed back
+    to the OS with it, instead of staying in the main heap beside the run's models.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evalkit.memory import return_freed_memory
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="evalkit-tokenize") as pool:
+        enc = pool.submit(_encode, path, text).result()
+    # the tokens copied here, so nothing keeps the worker's arena in use
+    enc = dataclasses.replace(enc, stream=np.array(enc.stream, dtype=np.int32))
+    gc.collect()            # the tokenizer's objects sit in reference cycles
     return_freed_memory()
     return enc
 
