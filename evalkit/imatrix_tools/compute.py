@@ -72,15 +72,15 @@ class FullForward:
 def _prepare(model_spec: str, corpus: str, ctx: int, chunks: int | None):
     """(model path, chunked corpus, loaded model), checked against each other."""
     from evalkit.corpus import load_corpus_text
-    from evalkit.evaluation.corpus_chunks import chunk_corpus, tokenizer_for
+    from evalkit.evaluation.corpus_chunks import chunk_corpus, encode_corpus
     from evalkit.evaluation.forward import load_model
     from evalkit.run_config import CorpusSpec
     from evalkit.sources import resolve_model
 
     path = resolve_model(model_spec)
     text, corpus_sha, corpus_desc = load_corpus_text(CorpusSpec(path=corpus))
-    tok = tokenizer_for(path)
-    cc = chunk_corpus(tok, tok.encode(text), corpus_sha, corpus_desc, ctx, chunks)
+    tok = encode_corpus(path, text)
+    cc = chunk_corpus(tok, tok.stream, corpus_sha, corpus_desc, ctx, chunks)
     model = load_model(path)
     if model.config.n_vocab != tok.n_vocab:
         raise RunError(f"{path}: the tokenizer has {tok.n_vocab} tokens but the model's vocabulary "

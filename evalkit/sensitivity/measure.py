@@ -38,12 +38,12 @@ def load_calibration(base_path, corpus: str, ctx: int, chunks: int, batch: int) 
     """The first ``chunks`` chunks of ``ctx`` tokens of ``corpus`` (a text file or a bundled
     name) as the base model's tokenizer cuts them (llama-perplexity's chunking)."""
     from evalkit.corpus import load_corpus_text
-    from evalkit.evaluation.corpus_chunks import chunk_corpus, tokenizer_for
+    from evalkit.evaluation.corpus_chunks import chunk_corpus, encode_corpus
     from evalkit.evaluation.loop import chunks_per_call
     from evalkit.run_config import CorpusSpec
     text, sha, desc = load_corpus_text(CorpusSpec(path=corpus))
-    tok = tokenizer_for(base_path)
-    cc = chunk_corpus(tok, tok.encode(text), sha, desc, ctx, chunks)
+    tok = encode_corpus(base_path, text)
+    cc = chunk_corpus(tok, tok.stream, sha, desc, ctx, chunks)
     return Calibration(cc, chunks_per_call(batch, ctx))
 
 
