@@ -97,6 +97,9 @@ class BaseCache:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        if self.path.is_dir():
+            raise BaseCacheError(f"base cache {self.path}: is a folder; base_cache names the cache file "
+                                 "(e.g. base.ekc), created by the first run")
         if not self.path.is_file():
             raise BaseCacheError(f"base cache {self.path}: not found (or not a regular file)")
         size = self.path.stat().st_size

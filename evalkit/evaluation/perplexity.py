@@ -43,7 +43,7 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     check_backend(backend, backend_threads, ubatch)
     if backend != "exact" and device != "cpu":
         raise BackendError(f"backend {backend!r} is emulated on the CPU; it cannot run on device {device!r}")
-    _check_order(order, device, backend)
+    _check_order(order, device, backend, spill_dir)
     n_threads = configure_threads(threads)
     path = resolve_model(model_spec)
     text, corpus_sha, corpus_desc = load_corpus_text(CorpusSpec(path=corpus))
@@ -98,10 +98,13 @@ def _score(forwards, cc, path, per_call: int, acc, running: list, out) -> None:
                 print(f"[{k + 1}]{running[-1]:.4f},", end="", file=out, flush=True)
 
 
-def _check_order(order: str, device: str, backend: str) -> None:
-    """RunError for an unknown order, or layer-major off the exact CPU forward pass."""
+def _check_order(order: str, device: str, backend: str, spill_dir: str | None = None) -> None:
+    """RunError for an unknown order, layer-major off the exact CPU forward pass, or a spill
+    folder for the model order (which keeps no hidden states: as `evalkit run` refuses it)."""
     if order not in ("model", "layer"):
         raise RunError(f"order must be 'model' or 'layer', got {order!r}")
+    if order == "model" and spill_dir:
+        raise RunError("--spill-dir applies to --order layer only")
     if order == "layer" and (device != "cpu" or backend != "exact"):
         raise RunError(f"order 'layer' runs the exact forward pass on the CPU only (got device {device!r}, "
                        f"backend {backend!r})")
