@@ -55,3 +55,35 @@ def test_base_cache_pointing_at_a_folder(tmp_path):
     from evalkit.evaluation.base_cache import BaseCache, BaseCacheError
     with pytest.raises(BaseCacheError, match="is a folder; base_cache names the cache file"):
         BaseCache(tmp_path)
+
+
+def test_a_damaged_cache_byte_is_a_named_error_not_another_kld(tmp_path):
+    """One flipped byte in a chunk's stored hidden states fails that chunk's CRC-32 when read."""
+    from evalkit.evaluation.base_cache import BaseCache, BaseCacheError, BaseCacheHeader, write_base_cache
+    rng = np.random.default_rng(0)
+    states = [rng.standard_normal((8, 16)).astype(np.float32) for _ in range(3)]
+    path = tmp_path / "c.ekc"
+    write_base_cache(path, BaseCacheHeader("c", 16, 3, "b", 16, 8, "t"), states)
+    cache = BaseCache(path)
+    assert all(np.array_equal(cache.chunk(k), states[k]) for k in range(3))
+    raw = bytearray(path.read_bytes())
+    raw[-4 * 3 - 4 * 8 * 16 + 5] ^= 0x10          # a byte of chunk 2's states
+    path.write_bytes(bytes(raw))
+    cache = BaseCache(path)
+    assert np.array_equal(cache.chunk(1), states[1])
+    with pytest.raises(BaseCacheError, match="chunk 2 fail their checksum"):
+        cache.chunk(2)
+
+
+def test_a_format_1_cache_is_refused_by_name(tmp_path):
+    import json
+    import struct
+
+    from evalkit.evaluation.base_cache import MAGIC, BaseCache, BaseCacheError
+    head = json.dumps({"corpus_sha256": "c", "n_ctx": 16, "n_chunks": 1, "base_sha256": "b", "n_embd": 4,
+                       "first_row": 8, "tokens_sha256": "t", "format": 1}, sort_keys=True).encode()
+    blob = MAGIC + struct.pack("<I", len(head)) + head
+    blob += b"\0" * (-len(blob) % 64) + np.zeros((8, 4), np.float32).tobytes()
+    (tmp_path / "old.ekc").write_bytes(blob)
+    with pytest.raises(BaseCacheError, match="format 1, this evalkit reads format 2"):
+        BaseCache(tmp_path / "old.ekc")

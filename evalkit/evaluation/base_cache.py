@@ -10,7 +10,9 @@ only the base's output tensor, never the base model.
 File layout (little-endian): magic ``EKBASEC1``, u32 header length, a JSON header
 (corpus sha256, n_ctx, n_chunks, base sha256, n_embd, first_row, the chunks' tokens'
 sha256), zero padding to 64 bytes, then float32 hidden states (K, C - first_row, n_embd):
-for every chunk the positions from ``first_row`` to C-1, as the forward computes them.
+for every chunk the positions from ``first_row`` to C-1, as the forward computes them; then
+K u32 CRC-32s, one per chunk's states, checked as each chunk is read (a damaged byte is a
+named error, never a silently different KLD).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import hashlib
 import json
 import os
 import struct
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable
@@ -33,6 +36,7 @@ __all__ = ["BaseCache", "BaseCacheError", "BaseCacheHeader", "CachedBaseForward"
 
 MAGIC = b"EKBASEC1"
 _ALIGN = 64
+FORMAT = 2                      # 1: no checksums (refused: written before they existed)
 
 
 class BaseCacheError(RunError):
@@ -50,7 +54,7 @@ class BaseCacheHeader:
     n_embd: int
     first_row: int
     tokens_sha256: str
-    format: int = 1
+    format: int = FORMAT
 
     @property
     def rows(self) -> int:
@@ -77,16 +81,18 @@ def write_base_cache(path: Path, header: BaseCacheHeader, per_chunk: Iterable[np
         with open(tmp, "wb") as fh:
             fh.write(MAGIC + struct.pack("<I", len(head)) + head)
             fh.write(b"\0" * (offset - fh.tell()))
-            n = 0
+            crcs = []
             for h in per_chunk:
-                h = np.ascontiguousarray(h, dtype=np.float32)
+                h = np.ascontiguousarray(h, dtype="<f4")
                 if h.shape != (header.rows, header.n_embd):
-                    raise BaseCacheError(f"{path}: chunk {n} has hidden states of shape {h.shape}, "
+                    raise BaseCacheError(f"{path}: chunk {len(crcs)} has hidden states of shape {h.shape}, "
                                          f"expected {(header.rows, header.n_embd)}")
-                fh.write(h.tobytes())
-                n += 1
-            if n != header.n_chunks:
-                raise BaseCacheError(f"{path}: {n} chunks written, the header says {header.n_chunks}")
+                data = h.tobytes()
+                fh.write(data)
+                crcs.append(zlib.crc32(data))
+            if len(crcs) != header.n_chunks:
+                raise BaseCacheError(f"{path}: {len(crcs)} chunks written, the header says {header.n_chunks}")
+            fh.write(np.asarray(crcs, dtype="<u4").tobytes())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -113,12 +119,22 @@ class BaseCache:
             self.header = self._parse_header(fh.read(n))
             offset = _data_offset(json.dumps(asdict(self.header), sort_keys=True).encode())
         h = self.header
-        want = offset + 4 * h.n_chunks * h.rows * h.n_embd
+        data = 4 * h.n_chunks * h.rows * h.n_embd
+        want = offset + data + 4 * h.n_chunks
         if size != want:
             raise BaseCacheError(f"base cache {self.path}: {size} bytes, its header needs {want} "
                                  "(truncated or damaged)")
         self.hidden = np.memmap(self.path, dtype="<f4", mode="r", offset=offset,
                                 shape=(h.n_chunks, h.rows, h.n_embd))
+        self.crc32 = np.fromfile(self.path, dtype="<u4", count=h.n_chunks, offset=offset + data)
+
+    def chunk(self, k: int) -> np.ndarray:
+        """Chunk ``k``'s hidden states (rows, n_embd), checked against its CRC-32 (a new array)."""
+        x = np.array(self.hidden[k])
+        if zlib.crc32(x.tobytes()) != int(self.crc32[k]):
+            raise BaseCacheError(f"base cache {self.path}: the hidden states of chunk {k} fail their "
+                                 "checksum (the file is damaged): delete it and run again to rewrite it")
+        return x
 
     def _parse_header(self, raw: bytes) -> BaseCacheHeader:
         try:
@@ -128,8 +144,11 @@ class BaseCache:
             raise BaseCacheError(f"base cache {self.path}: unreadable header: {e}") from None
         ints = (header.n_ctx, header.n_chunks, header.n_embd, header.first_row)
         if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in ints) \
-                or header.n_embd == 0 or not 0 <= header.first_row < header.n_ctx or header.format != 1:
+                or header.n_embd == 0 or not 0 <= header.first_row < header.n_ctx:
             raise BaseCacheError(f"base cache {self.path}: header values out of range: {d}")
+        if header.format != FORMAT:
+            raise BaseCacheError(f"base cache {self.path}: format {header.format!r}, this evalkit reads format "
+                                 f"{FORMAT} (per-chunk checksums): delete it; the next run writes it again")
         return header
 
     def check(self, corpus_sha256: str, n_ctx: int, chunks: np.ndarray, base_sha256: str) -> None:
@@ -196,7 +215,7 @@ class CachedBaseForward:
             ks = [self._index[np.ascontiguousarray(t, dtype=np.int32).tobytes()] for t in tokens]
         except KeyError:
             raise BaseCacheError(f"base cache {self.cache.path}: a chunk to evaluate is not in the cache") from None
-        x = torch.from_numpy(np.ascontiguousarray(self.cache.hidden[ks]))      # (B, C - first, E)
+        x = torch.from_numpy(np.stack([self.cache.chunk(k) for k in ks]))      # (B, C - first, E)
         shape = (*x.shape[:-1], self.output.out_features)
         out = self.buffer("logits", *shape) if self.buffer is not None else None
         with torch.no_grad():
