@@ -30,7 +30,11 @@ MANIFEST = json.loads((REPACK_DIR / "manifest.json").read_text())
 
 
 def test_every_golden_type_has_a_codec():
-    assert set(MANIFEST) == set(REPACKED) == set(LAYOUTS)
+    # these three have no golden file: tests/test_repacked_more.py checks them against an
+    # independent decoder of the reference's repacked kernels instead
+    no_golden = {"Q2_K_R4", "Q3_K_R4", "BF16_R16"}
+    assert not no_golden & set(MANIFEST)
+    assert set(MANIFEST) | no_golden == set(REPACKED) == set(LAYOUTS)
 
 
 @pytest.mark.parametrize("name", sorted(MANIFEST))

@@ -1,4 +1,4 @@
-"""Repacked ("_R4" / "_R8") tensors of published ik_llama.cpp files → their plain type's bytes.
+"""Repacked ("_R4" / "_R8" / "_R16") tensors of published ik_llama.cpp files → their plain type's bytes.
 
 One codec per repacked type, in one table (:data:`REPACKED`): the plain type, how many rows
 one repacked block interleaves, how many elements of each row it holds, and the bytes of
@@ -79,11 +79,16 @@ REPACKED: dict[str, RepackCodec] = {c.name: c for c in (
     RepackCodec("Q4_0_R8", 202, "Q4_0", 8, 32, 0),
     RepackCodec("Q5_0_R4", 206, "Q5_0", 4, 32, 0, zero_point=16),
     RepackCodec("Q8_0_R8", 208, "Q8_0", 8, 32, 0),
+    RepackCodec("Q2_K_R4", 210, "Q2_K", 4, 256, 0),
+    RepackCodec("Q3_K_R4", 211, "Q3_K", 4, 256, 0),
     RepackCodec("Q4_K_R4", 212, "Q4_K", 4, 256, 0),
     RepackCodec("Q5_K_R4", 213, "Q5_K", 4, 256, 0),
     RepackCodec("Q6_K_R4", 214, "Q6_K", 4, 256, 0),
     RepackCodec("IQ4_NL_R4", 220, "IQ4_NL", 4, 32, 0),
     RepackCodec("IQ4_XS_R8", 223, "IQ4_XS", 8, 256, 0),
+    # repack_bf16: pairs of bf16 of 16 rows side by side; ggml's type traits give BF16_R16 no
+    # to_float, so the stored bf16 values themselves are the tensor's values
+    RepackCodec("BF16_R16", 230, "BF16", 16, 2, 0),
     RepackCodec("Q6_0_R4", 233, "Q6_0", 4, 32, 0, zero_point=32),
     RepackCodec("IQ2_K_R4", 337, "IQ2_K", 4, 256, 0),
     RepackCodec("IQ3_K_R4", 338, "IQ3_K", 4, 256, 0),
@@ -99,11 +104,9 @@ REPACKED_BY_ID: dict[int, RepackCodec] = {c.type_id: c for c in REPACKED.values(
 _NO_PLAIN = "its plain type {} is not one evalkit reads"
 UNSUPPORTED_REPACKS: dict[int, tuple[str, str]] = {
     219: ("IQ1_S_R4", "lossy"), 229: ("IQ1_M_R4", "lossy"),
-    210: ("Q2_K_R4", _NO_PLAIN.format("Q2_K's repacked layout")),
-    211: ("Q3_K_R4", _NO_PLAIN.format("Q3_K's repacked layout")),
     216: ("IQ2_XXS_R4", _NO_PLAIN.format("IQ2_XXS")), 217: ("IQ2_XS_R4", _NO_PLAIN.format("IQ2_XS")),
     218: ("IQ3_XXS_R4", _NO_PLAIN.format("IQ3_XXS")), 221: ("IQ3_S_R4", _NO_PLAIN.format("IQ3_S")),
-    222: ("IQ2_S_R4", _NO_PLAIN.format("IQ2_S")), 230: ("BF16_R16", _NO_PLAIN.format("BF16's repacked layout")),
+    222: ("IQ2_S_R4", _NO_PLAIN.format("IQ2_S")),
     335: ("IQ2_BN_R4", _NO_PLAIN.format("IQ2_BN")), 353: ("MXFP4_R8", _NO_PLAIN.format("MXFP4")),
     397: ("Q8_K_R16", _NO_PLAIN.format("Q8_K")), 399: ("Q8_K_R8", _NO_PLAIN.format("Q8_K")),
 }

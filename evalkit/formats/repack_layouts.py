@@ -1,4 +1,4 @@
-"""Where every bit of R plain blocks lands in one repacked ("_R4" / "_R8") block.
+"""Where every bit of R plain blocks lands in one repacked ("_R4" / "_R8" / "_R16") block.
 
 ik_llama.cpp's repack_* functions (ggml/src/iqk/iqk_quantize.cpp) interleave R rows' blocks
 of one column into one block for its CPU kernels. Every lossless repack only moves bits:
@@ -99,8 +99,9 @@ def _iq5(lab: Labels, k: int, qs: int, qh: int) -> list[np.ndarray]:
 
 
 def _iq23(lab: Labels, k: int, qs: int, qh: int | None) -> list[np.ndarray]:
-    """IQ2_K / IQ3_K values as convert_iq2_k / convert_iq3_k: sub-block b's 2-bit fields at shift
-    2(b%4) of the 32 qs bytes of b/4; IQ3_K's third bit is bit b of qh[j]."""
+    """IQ2_K / IQ3_K (and Q2_K / Q3_K, same order) values as convert_iq2_k / convert_iq3_k /
+    convert_q2_k / convert_q3_k: sub-block b's 2-bit fields at shift 2(b%4) of the 32 qs bytes
+    of b/4; the third bit (IQ3_K's qh, Q3_K's hmask) is bit b of qh[j]."""
     L = []
     for b in range(8):
         for j in range(32):
@@ -311,6 +312,38 @@ def _iq3_k_r4(lab: Labels) -> None:
     _iq23_k_r4(lab, True)
 
 
+def _q2_k_r4(lab: Labels) -> None:
+    """Q2_K_R4 {d[8] (d, then dmin); scales[64]; qs[256]} from Q2_K {scales[16]; qs[64]; d; dmin}:
+    scale byte ib of row k → scales[4ib + k]; four 2-bit values per qs byte as IQ2_K_R4."""
+    for k in range(4):
+        _put_d(lab, k, 80, 2 * k)
+        _put_d(lab, k, 82, 2 * (k + 4))
+        for ib in range(16):
+            lab.put(16 + 4 * ib + k, 0, lab.get(k, ib))
+        L = _iq23(lab, k, 16, None)
+        for half in range(2):
+            _put_high(lab, L, k, 80 + 16 * half, 32, tuple(16 * half + 4 * t for t in range(4)), 0, 2)
+
+
+def _q3k_scale(lab: Labels, k: int, s: int) -> np.ndarray:
+    """Labels of Q3_K's 6-bit scale s (as convert_q3_k unpacks the 12 bytes at 96): low nibble
+    s/8 of byte s%8, high 2 bits at 2(s/4) of byte 8 + s%4."""
+    return _cat((lab.get(k, 96 + s % 8, 4 * (s // 8), 4), lab.get(k, 104 + s % 4, 2 * (s // 4), 2)))
+
+
+def _q3_k_r4(lab: Labels) -> None:
+    """Q3_K_R4 {d[4]; scales_h[16]; scales_l[32]; qh[128]; qs[256]} from Q3_K {hmask[32]; qs[64];
+    scales[12]; d}: the 6-bit scales split as IQ3_K_R4's low nibbles and IQ4_K_R4's 2-bit highs."""
+    for k in range(4):
+        _put_d(lab, k, 108)
+        _put_split_scales(lab, k, lambda ib, h: _q3k_scale(lab, k, 2 * ib + h)[:4],
+                          lambda ib, h: _q3k_scale(lab, k, 2 * ib + h)[4:], 2, 24, 8, 16)
+        L = _iq23(lab, k, 32, 0)
+        for half in range(2):
+            _put_high(lab, L, k, 184 + 16 * half, 32, tuple(16 * half + 4 * t for t in range(4)), 0, 2)
+        _put_high(lab, L, k, 56, 16, tuple(range(0, 32, 4)), 2, 1)
+
+
 def _iq45_k_r4(lab: Labels, five: bool) -> None:
     """IQ4_K_R4 / IQ5_K_R4 {d[4]; extra[8]; scales_h[16]; scales_l[32]; qs[512]; (qh[128])}."""
     for k in range(4):
@@ -340,10 +373,17 @@ def _q8_kv_r8(lab: Labels) -> None:
                 lab.put(32 * l + 4 * k + i, 0, lab.get(k, 4 * l + i))
 
 
+def _bf16_r16(lab: Labels) -> None:
+    """BF16_R16: two bf16 of each of 16 rows per 64-byte block, row k's 4 bytes at 4k (repack_bf16)."""
+    for k in range(16):
+        lab.put(4 * k, 0, lab.get(k, 0, 0, 32))
+
+
 # repacked type name -> its layout function (the block geometry lives in repack.py's table)
 LAYOUTS = {
     "Q4_0_R8": _q4_0_r8, "Q8_0_R8": _q8_0_r8, "Q5_0_R4": _q5_0_r4, "Q6_0_R4": _q6_0_r4,
     "IQ4_NL_R4": _iq4_nl_r4, "Q4_K_R4": _q4_k_r4, "Q5_K_R4": _q5_k_r4, "Q6_K_R4": _q6_k_r4,
     "IQ4_XS_R8": _iq4_xs_r8, "IQ2_K_R4": _iq2_k_r4, "IQ3_K_R4": _iq3_k_r4, "IQ4_K_R4": _iq4_k_r4,
     "IQ5_K_R4": _iq5_k_r4, "IQ4_KS_R4": _iq4_ks_r4, "IQ5_KS_R4": _iq5_ks_r4, "Q8_KV_R8": _q8_kv_r8,
+    "Q2_K_R4": _q2_k_r4, "Q3_K_R4": _q3_k_r4, "BF16_R16": _bf16_r16,
 }
