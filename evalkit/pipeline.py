@@ -236,6 +236,9 @@ def run(cfg: RunConfig, progress: bool = True, restart: bool = False,
     from evalkit.evaluation.run_folder import RunFolder
 
     t0 = time.time()
+    if cfg.order == "layer" and cfg.device != "cpu":    # `evalkit run --device` skips the config check
+        raise RunError(f"order 'layer' runs the exact forward on the CPU; device {cfg.device!r} "
+                       "does not combine with it")
     resolve_device(cfg.device)          # an unavailable device fails before anything is quantized
     if make_forward is None:            # the default factory runs on cfg.device
         make_forward = exact_forward if cfg.device == "cpu" else functools.partial(exact_forward, device=cfg.device)
@@ -258,7 +261,7 @@ def _run_locked(cfg: RunConfig, folder, progress: bool, restart: bool, make_forw
     cc = plan.corpus
     base = base_entry(plan.base_path)
     # checked before any variant is quantized: a mismatched cache fails at once
-    cache = RunBaseCache(cfg.resolve(cfg.base_cache), cc, base) if cfg.base_cache else None
+    cache = RunBaseCache(cfg.resolve_own(cfg.base_cache), cc, base) if cfg.base_cache else None
     specs = [_resolved(v, cfg) for v in cfg.variants]
     measured = [_measured(v, cc, base) for v in specs]
     models = [prepare_variant(v, base, out, cfg.resolve, cfg.threads, progress) for v in specs]

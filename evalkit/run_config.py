@@ -136,6 +136,14 @@ class RunConfig:
         cand = Path(self.config_dir) / pp
         return str(cand if cand.exists() or not pp.exists() else pp)
 
+    def resolve_own(self, p: str | None) -> str | None:
+        """A path the run may create (base_cache, spill_dir): always relative to the config's
+        folder, never the current directory's file of the same name (which may be another run's)."""
+        if p is None:
+            return None
+        pp = Path(p).expanduser()
+        return str(pp if pp.is_absolute() else Path(self.config_dir) / pp)
+
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (for results.json)."""
         d = {k: getattr(self, k) for k in _fields(RunConfig)}

@@ -114,8 +114,11 @@ class BaseCache:
             if len(lead) < len(MAGIC) + 4 or lead[:len(MAGIC)] != MAGIC:
                 raise BaseCacheError(f"base cache {self.path}: not an evalkit base cache (bad magic)")
             (n,) = struct.unpack("<I", lead[len(MAGIC):])
-            if n > min(size, 1 << 20):
+            if n > 1 << 20:
                 raise BaseCacheError(f"base cache {self.path}: header length {n} is impossible")
+            if len(MAGIC) + 4 + n > size:
+                raise BaseCacheError(f"base cache {self.path}: {size} bytes, shorter than its {n}-byte header "
+                                     "(truncated)")
             self.header = self._parse_header(fh.read(n))
             offset = _data_offset(json.dumps(asdict(self.header), sort_keys=True).encode())
         h = self.header

@@ -20,6 +20,7 @@ dropped.
 """
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -263,6 +264,21 @@ class LayerMajor:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def check_spill_dir(spill_dir: str | Path) -> Path:
+    """``spill_dir`` made now if missing (RunError if it is a file or cannot be made or written),
+    so a bad folder fails before the pass, not when it first spills (maybe hours later)."""
+    root = Path(spill_dir)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"spill_dir {root} is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise RunError(f"spill_dir {root} cannot be created: {e.strerror or e}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise RunError(f"spill_dir {root}: not writable")
+    return root
 
 
 def layer_major_forwards(models: Sequence[tuple[str, str | Path]], chunks: np.ndarray, todo: Sequence[int],

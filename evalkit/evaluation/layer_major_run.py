@@ -69,10 +69,32 @@ def _spill_folder(cfg, store: ChunkStore) -> Path:
     """Where the hidden states spill: ``<run>/hidden-states`` (a killed run's leftover removed
     first), or a folder of this process under the config's ``spill_dir``."""
     if cfg.spill_dir:
-        return Path(cfg.resolve(cfg.spill_dir)) / f"{cfg.name}-hidden-{os.getpid()}"
+        from evalkit.evaluation.layer_major import check_spill_dir
+        root = check_spill_dir(cfg.resolve_own(cfg.spill_dir))
+        _remove_dead_spills(root, cfg.name)
+        return root / f"{cfg.name}-hidden-{os.getpid()}"
     folder = store.folder.parent / SPILL_FOLDER
     shutil.rmtree(folder, ignore_errors=True)   # the run folder is locked: nobody else uses it
     return folder
+
+
+def _remove_dead_spills(root: Path, name: str) -> None:
+    """Remove ``<name>-hidden-<pid>`` folders of killed runs (their pid is gone) from a spill_dir:
+    a SIGKILLed run cannot remove its own, and the next one spills under a new pid."""
+    for folder in root.glob(f"{name}-hidden-*"):
+        pid = folder.name.rsplit("-", 1)[1]
+        if folder.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:             # another user's process: alive
+        return True
+    return True
 
 
 def evaluate_layer_major(cfg, plan, base, runs: list, store: ChunkStore, todo: list[int], progress: bool,

@@ -42,7 +42,8 @@ def _outputs(forwards: Sequence[tuple[str, ForwardFn]], tokens: np.ndarray, bar
         z = fn(tokens)
         seconds = (time.perf_counter() - t0) / tokens.shape[0]
         yield name, z, seconds
-        bar.update(step)
+        # float shares (1/3 + 1/3 + 1/3) can pass the total by a rounding: tqdm then warns
+        bar.update(max(0.0, min(step, bar.total - bar.n)))
 
 
 def evaluate(forwards: Sequence[tuple[str, ForwardFn]], chunks: np.ndarray, todo: Sequence[int],

@@ -44,6 +44,8 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     if backend != "exact" and device != "cpu":
         raise BackendError(f"backend {backend!r} is emulated on the CPU; it cannot run on device {device!r}")
     _check_order(order, device, backend, spill_dir)
+    if spill_dir:               # a bad folder fails now; the pass spills into a folder of its own
+        spill_dir = _own_spill_folder(spill_dir)
     n_threads = configure_threads(threads)
     path = resolve_model(model_spec)
     text, corpus_sha, corpus_desc = load_corpus_text(CorpusSpec(path=corpus))
@@ -63,7 +65,11 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
     if model is not None:
         forwards = [("model", _backend_forward(model, cc.window, backend, backend_threads, ubatch, batch))]
     else:
-        layer_major = _layer_major(path, cc, batch, spill_dir, progress)
+        try:
+            layer_major = _layer_major(path, cc, batch, spill_dir, progress)
+        except BaseException:
+            _remove(spill_dir)
+            raise
         forwards = [("model", layer_major.forwards["model"])]
     try:
         _score(forwards, cc, path, chunks_per_call(batch, ctx), acc, running, out)
@@ -71,6 +77,7 @@ def perplexity(model_spec: str, corpus: str, ctx: int = 512, chunks: int | None 
         if model is None:
             lm_info = layer_major.info()
             layer_major.close()           # the hidden states (spill files) and the mapping
+            _remove(spill_dir)
     dt = time.perf_counter() - t0
     ppl, err = acc.final()
     print(f"\nFinal estimate: PPL = {ppl:.4f} +/- {err:.5f}", file=out, flush=True)
@@ -108,6 +115,25 @@ def _check_order(order: str, device: str, backend: str, spill_dir: str | None = 
     if order == "layer" and (device != "cpu" or backend != "exact"):
         raise RunError(f"order 'layer' runs the exact forward pass on the CPU only (got device {device!r}, "
                        f"backend {backend!r})")
+
+
+def _own_spill_folder(spill_dir: str) -> str:
+    """A new folder of this process under ``spill_dir`` (checked): two runs given the same
+    --spill-dir would otherwise truncate each other's hidden-<i>.f32 (silently other numbers)."""
+    import tempfile
+
+    from evalkit.evaluation.layer_major import check_spill_dir
+    root = check_spill_dir(spill_dir)
+    try:
+        return tempfile.mkdtemp(prefix="perplexity-hidden-", dir=root)
+    except OSError as e:
+        raise RunError(f"spill_dir {root}: cannot make a folder in it: {e.strerror or e}") from None
+
+
+def _remove(folder: str | None) -> None:
+    if folder:
+        import shutil
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _n_vocab(path) -> int:
