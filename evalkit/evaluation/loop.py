@@ -43,7 +43,8 @@ def _outputs(forwards: Sequence[tuple[str, ForwardFn]], tokens: np.ndarray, bar
         seconds = (time.perf_counter() - t0) / tokens.shape[0]
         yield name, z, seconds
         # float shares (1/3 + 1/3 + 1/3) can pass the total by a rounding: tqdm then warns
-        bar.update(max(0.0, min(step, bar.total - bar.n)))
+        total, done = getattr(bar, "total", None), getattr(bar, "n", None)
+        bar.update(step if total is None or done is None else max(0.0, min(step, total - done)))
 
 
 def evaluate(forwards: Sequence[tuple[str, ForwardFn]], chunks: np.ndarray, todo: Sequence[int],
