@@ -127,12 +127,7 @@ class LayerMajor:
             if self.spill_dir is None:
                 folder = self._tmp = Path(tempfile.mkdtemp(prefix="evalkit-hidden-"))
             else:
-                folder = Path(self.spill_dir)
-                try:
-                    folder.mkdir(parents=True, exist_ok=True)
-                except OSError as e:
-                    raise RunError(f"layer-major hidden states ({total} bytes) must spill, but spill_dir "
-                                   f"{folder} cannot be created: {e.strerror or e}") from None
+                folder = check_spill_dir(self.spill_dir)
         for i, (name, m) in enumerate(self.models.items()):
             path = folder / f"hidden-{i}.f32" if folder is not None else None
             self.states[name] = HiddenStates(n_slots, n_ctx, m.config.n_embd, path)
